@@ -1,0 +1,1 @@
+"""Shared code of the pipeline's stages: config, data, nets, train, evaluation, io, paths."""

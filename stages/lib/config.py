@@ -1,0 +1,229 @@
+"""Load and validate params.yaml once, before any stage does work.
+
+Every stage calls `load_params()`; a bad value stops the stage with one line naming the
+key and the fix (see `run_stage`), instead of a traceback from deep inside a trainer.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+# Class count of each supported dataset: budgets are checked against it before any data
+# is read, so `labels: 105` fails at once rather than after the download stage.
+DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10}
+
+# Models that `evaluate` knows how to find (models/<name>/model.pt).
+MODEL_NAMES = ("baseline",)
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (bad params, bad data, missing inputs).
+
+    Stages print its message as one line and exit non-zero; anything else is a bug and
+    keeps its traceback.
+    """
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's `main`, turning a PipelineError into one line on stderr and exit 1."""
+    try:
+        main()
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+# --- schema -------------------------------------------------------------------------
+# A schema is a dict of key -> checker; a checker takes (value, dotted_key) and raises
+# PipelineError. Nested dicts are sections. Keep it declarative so one glance shows
+# every knob and its allowed values.
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    shown = repr(value) if not isinstance(value, str) else f"'{value}'"
+    raise PipelineError(
+        f"params.yaml: {key} must be {expected}, got {shown} ({type(value).__name__}); "
+        f"fix it in params.yaml"
+    )
+
+
+def integer(minimum: int | None = None) -> Callable[[Any, str], None]:
+    def check(value: Any, key: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, value, "an integer")
+        if minimum is not None and value < minimum:
+            _fail(key, value, f"an integer >= {minimum}")
+
+    return check
+
+
+def number(low: float | None = None, high: float | None = None, *, open_low: bool = False):
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if open_low else '>='} {low}")
+    if high is not None:
+        bounds.append(f"<= {high}")
+    expected = " ".join(["a number", " and ".join(bounds)]).strip()
+
+    def check(value: Any, key: str) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 (PyYAML) reads `1e-3` as a string: say how to write it.
+            _fail(key, value, "a number (write 0.001, not 1e-3)")
+        too_low = low is not None and (value <= low if open_low else value < low)
+        if too_low or (high is not None and value > high):
+            _fail(key, value, expected)
+
+    return check
+
+
+def choice(options: tuple[str, ...] | list[str]) -> Callable[[Any, str], None]:
+    def check(value: Any, key: str) -> None:
+        if value not in options:
+            _fail(key, value, "one of " + ", ".join(options))
+
+    return check
+
+
+def string() -> Callable[[Any, str], None]:
+    def check(value: Any, key: str) -> None:
+        if not isinstance(value, str) or not value:
+            _fail(key, value, "a non-empty string")
+
+    return check
+
+
+def list_of(item: Callable[[Any, str], None], *, min_len: int = 0, unique: bool = False):
+    def check(value: Any, key: str) -> None:
+        if not isinstance(value, list) or len(value) < min_len:
+            _fail(key, value, f"a list of at least {min_len} item(s)")
+        for i, element in enumerate(value):
+            item(element, f"{key}[{i}]")
+        if unique and len(set(map(str, value))) != len(value):
+            _fail(key, value, "a list without repeated items")
+
+    return check
+
+
+def device(value: Any, key: str) -> None:
+    if not isinstance(value, str) or not (
+        value in ("auto", "cpu", "cuda") or value.startswith("cuda:")
+    ):
+        _fail(key, value, "auto, cpu, cuda or cuda:N")
+
+
+AUGMENT = {
+    "rotate_deg": number(0, 180),
+    "translate": number(0, 0.5),
+    "scale": number(0, 0.5),
+}
+
+SCHEMA: dict[str, Any] = {
+    "seed": integer(minimum=0),
+    "labels": integer(),  # budget rules need the class count: see _check_budget
+    "dataset": choice(tuple(DATASET_CLASSES)),
+    "device": device,
+    "download": {
+        "datasets": list_of(choice(tuple(DATASET_CLASSES)), min_len=1, unique=True),
+        "sources": {name: list_of(string(), min_len=1) for name in DATASET_CLASSES},
+        "timeout_s": number(0, open_low=True),
+    },
+    "split": {
+        "val_size": integer(minimum=0),
+        "pool_size": integer(minimum=0),
+    },
+    "train_baseline": {
+        "epochs": integer(minimum=1),
+        "steps_per_epoch": integer(minimum=1),
+        "batch_size": integer(minimum=1),
+        "lr": number(0, open_low=True),
+        "weight_decay": number(0),
+        "channels": list_of(integer(minimum=1), min_len=2),
+        "hidden": integer(minimum=1),
+        "dropout": number(0, 1),
+        "augment": AUGMENT,
+    },
+    "evaluate": {
+        "models": list_of(choice(MODEL_NAMES), min_len=1, unique=True),
+        "batch_size": integer(minimum=1),
+        "test_size": integer(minimum=0),
+    },
+}
+
+
+def _validate(section: Any, schema: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(section, dict):
+        raise PipelineError(f"params.yaml: {prefix.rstrip('.') or 'the file'} must be a mapping")
+    for key in section:
+        if key not in schema:
+            raise PipelineError(
+                f"params.yaml: unknown key {prefix}{key}; known keys here: {', '.join(schema)}"
+            )
+    for key, rule in schema.items():
+        if key not in section:
+            raise PipelineError(f"params.yaml: missing key {prefix}{key}")
+        if isinstance(rule, dict):
+            _validate(section[key], rule, f"{prefix}{key}.")
+        else:
+            rule(section[key], f"{prefix}{key}")
+
+
+def check_budget(key: str, value: int, n_classes: int, *, allow_zero: bool = False) -> None:
+    """A labeled budget must give every class the same, non-zero (or zero) count."""
+    if value < 0 or (value == 0 and not allow_zero) or value % n_classes:
+        kind = "non-negative" if allow_zero else "positive"
+        example = max(n_classes, value - value % n_classes)
+        raise PipelineError(
+            f"{key}={value} must be a {kind} multiple of the {n_classes} classes so every "
+            f"class gets the same count (e.g. {example}); fix it in params.yaml"
+        )
+
+
+def _check_budgets(params: dict[str, Any]) -> None:
+    n_classes = DATASET_CLASSES[params["dataset"]]
+    check_budget("labels", params["labels"], n_classes)
+    check_budget("split.val_size", params["split"]["val_size"], n_classes, allow_zero=True)
+
+
+def validate_params(params: Any) -> dict[str, Any]:
+    """Check every key of params.yaml; raise PipelineError naming the first bad one."""
+    _validate(params, SCHEMA)
+    _check_budgets(params)
+    return params
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path} not found: run the stage from the repository root")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from None
+    return validate_params(params)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; an explicit CUDA request must be satisfiable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"device={name} but CUDA is not available; set device: auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator for explicit sampling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

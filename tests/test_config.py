@@ -1,0 +1,88 @@
+"""params.yaml validation: every bad value gives one message naming the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.lib.config import PipelineError, load_params, resolve_device, validate_params
+from stages.profile import apply_overrides
+from tests.conftest import REPO_ROOT
+
+DEFAULTS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def with_value(dotted: str, value):
+    params = copy.deepcopy(DEFAULTS)
+    *parents, leaf = dotted.split(".")
+    node = params
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return params
+
+
+def test_repository_params_and_profiles_are_valid():
+    validate_params(copy.deepcopy(DEFAULTS))
+    for profile in (REPO_ROOT / "profiles").glob("*.yaml"):
+        apply_overrides(DEFAULTS, yaml.safe_load(profile.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("labels", 0, "labels=0 must be a positive multiple of the 10 classes"),
+        ("labels", -20, "labels=-20 must be a positive multiple"),
+        ("labels", 105, "labels=105 must be a positive multiple .* \\(e.g. 100\\)"),
+        ("labels", "100", "labels must be an integer, got '100' \\(str\\)"),
+        ("labels", True, "labels must be an integer"),
+        ("split.val_size", 5, "split.val_size=5 must be a non-negative multiple"),
+        ("dataset", "cifar10", "dataset must be one of mnist, fashion-mnist"),
+        ("device", "tpu", "device must be auto, cpu, cuda or cuda:N"),
+        ("train_baseline.lr", "1e-3", "train_baseline.lr must be a number \\(write 0.001"),
+        ("train_baseline.lr", 0, "train_baseline.lr must be a number > 0"),
+        ("train_baseline.dropout", 1.5, "train_baseline.dropout must be a number >= 0 and <= 1"),
+        ("train_baseline.augment.translate", 0.9, "augment.translate must be a number"),
+        ("evaluate.models", ["baseline", "magic"], "evaluate.models\\[1\\] must be one of"),
+        ("download.datasets", [], "download.datasets must be a list of at least 1"),
+        ("train_baseline", [1, 2], "train_baseline must be a mapping"),
+    ],
+)
+def test_bad_values_are_named(key, value, message):
+    with pytest.raises(PipelineError, match=message):
+        validate_params(with_value(key, value))
+
+
+def test_unknown_and_missing_keys_are_named():
+    params = with_value("train_baseline.lrr", 0.1)
+    with pytest.raises(PipelineError, match="unknown key train_baseline.lrr"):
+        validate_params(params)
+    del params["train_baseline"]["lrr"], params["train_baseline"]["epochs"]
+    with pytest.raises(PipelineError, match="missing key train_baseline.epochs"):
+        validate_params(params)
+
+
+def test_load_params_reports_bad_yaml_and_missing_file(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("labels: [100\n")
+    with pytest.raises(PipelineError, match="is not valid YAML"):
+        load_params(bad)
+    with pytest.raises(PipelineError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+def test_profile_may_only_override_existing_keys():
+    with pytest.raises(PipelineError, match="profile key train_baseline.nope is not in params"):
+        apply_overrides(DEFAULTS, {"train_baseline": {"nope": 1}})
+    merged = apply_overrides(DEFAULTS, {"train_baseline": {"epochs": 3}})
+    assert merged["train_baseline"]["epochs"] == 3 and DEFAULTS["train_baseline"]["epochs"] != 3
+
+
+def test_auto_device_is_cpu_without_cuda():
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected

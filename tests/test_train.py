@@ -1,0 +1,112 @@
+"""Augmentation, the baseline network, the supervised trainer and the metrics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from stages.lib.data import random_affine, to_input
+from stages.lib.evaluation import classification_metrics, confusion_matrix
+from stages.lib.nets import build_model
+from stages.lib.train import train_classifier
+
+AUGMENT = {"rotate_deg": 12.0, "translate": 0.1, "scale": 0.1}
+NO_AUGMENT = {"rotate_deg": 0.0, "translate": 0.0, "scale": 0.0}
+
+
+def synthetic_digits(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten easy classes: class c is a bright bar at row 2c + noise."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = torch.randint(0, 40, (n, 28, 28), generator=gen, dtype=torch.uint8)
+    for i, c in enumerate(y.tolist()):
+        x[i, 4 + 2 * c : 6 + 2 * c, 4:24] = 255
+    return x, y
+
+
+def test_to_input_scales_and_adds_channel():
+    x = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    out = to_input(x)
+    assert out.shape == (1, 1, 1, 2) and out.dtype == torch.float32
+    assert out.min() == 0 and out.max() == 1
+
+
+def test_random_affine_keeps_shape_and_varies_per_image():
+    x = to_input(synthetic_digits(8)[0][:1].repeat(8, 1, 1))  # 8 copies of one image
+    out = random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    # Every copy got its own transform: no two outputs are equal.
+    flat = out.flatten(1)
+    assert torch.cdist(flat, flat).fill_diagonal_(1.0).min() > 1e-3
+
+
+def test_random_affine_is_identity_at_zero_strength_and_seeded():
+    x = to_input(synthetic_digits(4)[0])
+    assert torch.equal(random_affine(x, **NO_AUGMENT), x)
+    a = random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(1))
+    b = random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_baseline_cnn_shapes_and_gradients():
+    model = build_model("baseline_cnn", n_classes=10, channels=[8, 16], hidden=32, dropout=0.3)
+    x, y = synthetic_digits(6)
+    logits = model(to_input(x))
+    assert logits.shape == (6, 10)
+    F.cross_entropy(logits, y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def _train(seed: int, epochs: int = 3):
+    torch.manual_seed(seed)
+    model = build_model("baseline_cnn", n_classes=10, channels=[8, 16], hidden=32, dropout=0.0)
+    x, y = synthetic_digits()
+    x_val, y_val = synthetic_digits(20, seed=1)
+    result = train_classifier(
+        model,
+        x,
+        y,
+        epochs=epochs,
+        steps_per_epoch=10,
+        batch_size=16,
+        lr=0.003,
+        weight_decay=0.0,
+        augment=AUGMENT,
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed),
+        x_val=x_val,
+        y_val=y_val,
+    )
+    return model, result, (x, y)
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    model = build_model("baseline_cnn", n_classes=10, channels=[8, 16], hidden=32, dropout=0.0)
+    x, y = synthetic_digits()
+    before = F.cross_entropy(model(to_input(x)), y).item()
+    model, result, _ = _train(seed=0)
+    model.eval()
+    after = F.cross_entropy(model(to_input(x)), y).item()
+    assert after < 0.5 * before
+    assert result.history[-1]["train/loss"] < result.history[0]["train/loss"]
+
+
+def test_training_is_deterministic_for_a_seed_and_keeps_the_best_epoch():
+    _, a, _ = _train(seed=5)
+    _, b, _ = _train(seed=5)
+    assert a.history == b.history
+    for key in a.last_state:
+        assert torch.equal(a.last_state[key], b.last_state[key])
+    val_acc = [h["val/accuracy"] for h in a.history]
+    assert a.best_epoch == 1 + val_acc.index(max(val_acc))
+
+
+def test_metrics_and_confusion_matrix():
+    y_true = torch.tensor([0, 0, 1, 2])
+    logits = F.one_hot(torch.tensor([0, 1, 1, 2]), 3).float()
+    m = classification_metrics(logits, y_true)
+    assert m["accuracy"] == 0.75
+    assert m["class_0_accuracy"] == 0.5 and m["class_1_accuracy"] == 1.0
+    matrix = confusion_matrix(y_true, logits.argmax(1), 3)
+    assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
