@@ -6,13 +6,10 @@ and plots/confusion/<model>.csv (one row per test image) for DVC's confusion tem
 
 from __future__ import annotations
 
-from .lib.config import PipelineError, load_params, resolve_device, run_stage
+from .lib.config import MODEL_PRODUCERS, PipelineError, load_params, resolve_device, run_stage
 from .lib.evaluation import classification_metrics, predict_logits
 from .lib.io import load_model, write_json, write_text
 from .lib.paths import METRICS_DIR, PLOTS_DIR, load_raw, model_file
-
-# Which stage produces each model, for the "missing input" message.
-PRODUCERS = {"baseline": "train_baseline"}
 
 
 def main() -> None:
@@ -25,7 +22,7 @@ def main() -> None:
         x_test, y_test = x_test[: cfg["test_size"]], y_test[: cfg["test_size"]]
 
     # Load every model first: a missing one stops the stage before anything is written.
-    models = {name: load_model(model_file(name), PRODUCERS[name]) for name in cfg["models"]}
+    models = {name: load_model(model_file(name), MODEL_PRODUCERS[name]) for name in cfg["models"]}
     for name, (_, meta) in models.items():
         if meta["dataset"] != params["dataset"]:
             raise PipelineError(

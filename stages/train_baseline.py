@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from .lib.config import load_params, resolve_device, run_stage, seed_everything
+from .lib.config import (
+    DATASET_CLASSES,
+    load_params,
+    resolve_device,
+    run_stage,
+    seed_everything,
+)
 from .lib.io import save_checkpoint
 from .lib.nets import build_model
 from .lib.paths import METRICS_DIR, load_raw, load_split, model_file
@@ -17,9 +23,8 @@ def main() -> None:
 
     data, split = load_raw(params["dataset"]), load_split()
     labeled, val = split["labeled_idx"], split["val_idx"]
-    n_classes = int(data["y_train"].max()) + 1
     arch_config = {
-        "n_classes": n_classes,
+        "n_classes": DATASET_CLASSES[params["dataset"]],
         "channels": cfg["channels"],
         "hidden": cfg["hidden"],
         "dropout": cfg["dropout"],

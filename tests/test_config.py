@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from stages.lib.config import PipelineError, load_params, resolve_device, validate_params
@@ -42,6 +43,7 @@ def test_repository_params_and_profiles_are_valid():
         ("split.val_size", 5, "split.val_size=5 must be a non-negative multiple"),
         ("dataset", "cifar10", "dataset must be one of mnist, fashion-mnist"),
         ("device", "tpu", "device must be auto, cpu, cuda or cuda:N"),
+        ("device", "cuda:x", "device must be auto, cpu, cuda or cuda:N"),
         ("train_baseline.lr", "1e-3", "train_baseline.lr must be a number \\(write 0.001"),
         ("train_baseline.lr", 0, "train_baseline.lr must be a number > 0"),
         ("train_baseline.dropout", 1.5, "train_baseline.dropout must be a number >= 0 and <= 1"),
@@ -82,7 +84,5 @@ def test_profile_may_only_override_existing_keys():
 
 
 def test_auto_device_is_cpu_without_cuda():
-    import torch
-
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected

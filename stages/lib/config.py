@@ -7,6 +7,7 @@ key and the fix (see `run_stage`), instead of a traceback from deep inside a tra
 from __future__ import annotations
 
 import random
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +23,8 @@ PARAMS_FILE = Path("params.yaml")
 # is read, so `labels: 105` fails at once rather than after the download stage.
 DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10}
 
-# Models that `evaluate` knows how to find (models/<name>/model.pt).
-MODEL_NAMES = ("baseline",)
+# Models `evaluate` can score (models/<name>/model.pt) and the stage that trains each.
+MODEL_PRODUCERS = {"baseline": "train_baseline"}
 
 
 class PipelineError(Exception):
@@ -115,9 +116,7 @@ def list_of(item: Callable[[Any, str], None], *, min_len: int = 0, unique: bool 
 
 
 def device(value: Any, key: str) -> None:
-    if not isinstance(value, str) or not (
-        value in ("auto", "cpu", "cuda") or value.startswith("cuda:")
-    ):
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         _fail(key, value, "auto, cpu, cuda or cuda:N")
 
 
@@ -153,7 +152,7 @@ SCHEMA: dict[str, Any] = {
         "augment": AUGMENT,
     },
     "evaluate": {
-        "models": list_of(choice(MODEL_NAMES), min_len=1, unique=True),
+        "models": list_of(choice(tuple(MODEL_PRODUCERS)), min_len=1, unique=True),
         "batch_size": integer(minimum=1),
         "test_size": integer(minimum=0),
     },

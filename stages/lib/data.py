@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import math
 import struct
 import urllib.error
@@ -117,7 +118,8 @@ def read_from_source(source: str, filename: str, timeout_s: float) -> tuple[byte
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
                 return _decompress(response.read(), url), url
-        except (urllib.error.URLError, TimeoutError, ConnectionError):
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError):
+            # Unreachable, missing (404) or cut-off transfer: try the next source.
             return None
     for candidate in (Path(source) / f"{filename}.gz", Path(source) / filename):
         if candidate.is_file():
