@@ -1,6 +1,13 @@
-"""Stage train_baseline: the SGAN report's compact CNN trained on the labeled images only."""
+"""Stage train_baseline: the SGAN report's compact CNN trained on the labeled images only.
+
+Resumable: the training state is saved after every epoch to models/baseline/checkpoint.pt
+(a persist output), so a killed run started again continues where it stopped and ends with
+the same model; the checkpoint is removed once the final model is written.
+"""
 
 from __future__ import annotations
+
+from functools import partial
 
 from .lib.config import (
     DATASET_CLASSES,
@@ -9,7 +16,7 @@ from .lib.config import (
     run_stage,
     seed_everything,
 )
-from .lib.io import save_checkpoint
+from .lib.io import load_training_state, run_fingerprint, save_checkpoint, save_training_state
 from .lib.nets import build_model
 from .lib.paths import METRICS_DIR, load_raw, load_split, model_file
 from .lib.train import live_epoch_logger, open_live, train_classifier
@@ -31,7 +38,14 @@ def main() -> None:
     }
     model = build_model("baseline_cnn", **arch_config)
 
-    with open_live(METRICS_DIR / "train_baseline", params={**cfg, "labels": len(labeled)}) as live:
+    checkpoint = model_file("baseline").with_name("checkpoint.pt")
+    run_config = {"train": cfg, "seed": params["seed"], "dataset": params["dataset"]}
+    fingerprint = run_fingerprint(run_config, [labeled, val], code_files=[__file__])
+    resume = load_training_state(checkpoint, fingerprint)
+
+    live_params = {**cfg, "labels": len(labeled)}
+    history = resume["history"] if resume else []
+    with open_live(METRICS_DIR / "train_baseline", live_params, history) as live:
         result = train_classifier(
             model,
             data["x_train"][labeled],
@@ -47,6 +61,8 @@ def main() -> None:
             x_val=data["x_train"][val],
             y_val=data["y_train"][val],
             on_epoch=live_epoch_logger(live),
+            on_checkpoint=partial(save_training_state, checkpoint, fingerprint=fingerprint),
+            resume=resume,
         )
         live.summary["best_epoch"] = result.best_epoch
 
@@ -60,9 +76,11 @@ def main() -> None:
         "epochs": cfg["epochs"],
     }
     save_checkpoint(model_file("baseline"), model, "baseline_cnn", arch_config, meta)
+    checkpoint.unlink(missing_ok=True)
+    rate = result.images_seen / max(result.seconds, 1e-9)
     print(
         f"trained on {len(labeled)} labels (+{len(val)} validation) for {cfg['epochs']} epochs "
-        f"in {result.seconds:.1f}s ({result.images_seen / result.seconds:.0f} images/s on {device})"
+        f"in {result.seconds:.1f}s ({rate:.0f} images/s on {device})"
     )
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 STAGES = ("download", "split", "train_baseline", "evaluate")
+OUTPUTS = ("models/baseline/model.pt", "metrics/train_baseline/metrics.json")
+CHECKPOINT = "models/baseline/checkpoint.pt"
 # Built outputs and local state that a fresh clone would not have.
 NOT_COPIED = shutil.ignore_patterns(
     ".git",
@@ -39,10 +42,15 @@ NOT_COPIED = shutil.ignore_patterns(
 )
 
 
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def stage_env() -> dict[str, str]:
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     # Stage commands call `python`: make it this interpreter, whatever PATH says.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = stage_env()
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -107,6 +115,16 @@ def test_second_repro_does_nothing(repo, first_repro):
     assert "up to date" in dvc(repo, "status").stdout
 
 
+def test_same_params_and_seed_give_identical_outputs(repo, first_repro):
+    model = repo / "models/baseline/model.pt"
+    before = {p: sha256(repo / p) for p in OUTPUTS}
+    forced = dvc(repo, "repro", "-f", "-s", "train_baseline")
+    assert ran_stages(forced) == {"train_baseline"}
+    assert {p: sha256(repo / p) for p in OUTPUTS} == before
+    # Bit-identical model: DVC sees nothing to do downstream.
+    assert model.is_file() and ran_stages(dvc(repo, "repro")) == set()
+
+
 def test_exp_run_with_250_labels_reruns_split_and_downstream_only(repo, first_repro):
     dvc(repo, "status")  # settle DVC's state before timing-sensitive comparisons
     exp = dvc(repo, "exp", "run", "-S", "labels=250")
@@ -151,3 +169,59 @@ def test_bad_budget_stops_before_any_work(repo, first_repro):
         assert sha256(repo / "data/split/split.npz") == split_before
     finally:
         params_file.write_text(original)
+
+
+def set_params(repo: Path, section: str, **values) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def start_and_kill_after_first_checkpoint(repo: Path) -> None:
+    """Start train_baseline, SIGKILL it as soon as a per-epoch checkpoint exists."""
+    cmd = [sys.executable, "-m", "stages.train_baseline"]
+    proc = subprocess.Popen(cmd, cwd=repo, env=stage_env(), stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (repo / CHECKPOINT).exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert (repo / CHECKPOINT).exists(), "the run finished before it could be killed"
+
+
+def loss_curve(repo: Path) -> list[tuple[str, str]]:
+    rows = (repo / "metrics/train_baseline/plots/metrics/train/loss.tsv").read_text().splitlines()
+    return [tuple(row.split("\t")[1:]) for row in rows]  # drop the timestamp column
+
+
+def test_killed_training_resumes_to_the_same_model(repo, first_repro):
+    original = (repo / "params.yaml").read_text()
+    stage = [sys.executable, "-m", "stages.train_baseline"]
+    try:
+        set_params(repo, "train_baseline", epochs=25)
+        run(repo, *stage)
+        reference = {p: sha256(repo / p) for p in OUTPUTS}
+        reference_curve = loss_curve(repo)
+        assert not (repo / CHECKPOINT).exists()
+
+        start_and_kill_after_first_checkpoint(repo)
+        # The interrupted run left the previous model as it was.
+        assert sha256(repo / OUTPUTS[0]) == reference[OUTPUTS[0]]
+
+        resumed = run(repo, *stage)
+        assert "resuming from models/baseline/checkpoint.pt after epoch" in resumed.stdout
+        assert {p: sha256(repo / p) for p in OUTPUTS} == reference
+        assert loss_curve(repo) == reference_curve
+        assert sorted(p.name for p in (repo / "models/baseline").iterdir()) == ["model.pt"]
+
+        start_and_kill_after_first_checkpoint(repo)
+        set_params(repo, "train_baseline", epochs=26)
+        fresh = run(repo, *stage)
+        assert "written with other params, data or code: ignoring it, starting fresh" in (
+            fresh.stdout
+        )
+        assert "resuming" not in fresh.stdout
+    finally:
+        (repo / "params.yaml").write_text(original)
+        (repo / CHECKPOINT).unlink(missing_ok=True)

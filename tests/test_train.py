@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
 from stages.lib.data import random_affine, to_input
 from stages.lib.evaluation import classification_metrics, confusion_matrix
+from stages.lib.io import load_training_state, run_fingerprint, save_training_state
 from stages.lib.nets import build_model
-from stages.lib.train import train_classifier
+from stages.lib.train import TrainingDiverged, train_classifier
 
 AUGMENT = {"rotate_deg": 12.0, "translate": 0.1, "scale": 0.1}
 NO_AUGMENT = {"rotate_deg": 0.0, "translate": 0.0, "scale": 0.0}
@@ -110,3 +114,92 @@ def test_metrics_and_confusion_matrix():
     assert m["class_0_accuracy"] == 0.5 and m["class_1_accuracy"] == 1.0
     matrix = confusion_matrix(y_true, logits.argmax(1), 3)
     assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+
+
+def _train_with(seed: int, **kwargs):
+    torch.manual_seed(seed)
+    model = build_model("baseline_cnn", n_classes=10, channels=[8, 16], hidden=32, dropout=0.3)
+    x, y = synthetic_digits()
+    x_val, y_val = synthetic_digits(20, seed=1)
+    result = train_classifier(
+        model, x, y,
+        epochs=4, steps_per_epoch=5, batch_size=16, lr=0.003, weight_decay=0.0,
+        augment=AUGMENT, device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed), x_val=x_val, y_val=y_val, **kwargs,
+    )  # fmt: skip
+    return model, result
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_result():
+    _, reference = _train_with(seed=3)
+
+    saved = []
+
+    def stop_after_epoch_2(stats):
+        if stats["epoch"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _train_with(seed=3, on_checkpoint=saved.append, on_epoch=stop_after_epoch_2)
+    assert [s["epoch"] for s in saved] == [1, 2]
+
+    # Other seed on purpose: everything that matters must come from the checkpoint.
+    _, resumed = _train_with(seed=99, resume=saved[-1])
+    assert resumed.history == reference.history
+    assert resumed.best_epoch == reference.best_epoch
+    for key, value in reference.last_state.items():
+        assert torch.equal(resumed.last_state[key], value)
+        assert torch.equal(resumed.best_state[key], reference.best_state[key])
+
+
+class NaNAfter(torch.nn.Module):
+    """Wraps a model; its output turns NaN from the `n`-th forward pass in training."""
+
+    def __init__(self, model: torch.nn.Module, n: int) -> None:
+        super().__init__()
+        self.model, self.n, self.calls = model, n, 0
+
+    def forward(self, x):
+        out = self.model(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.n:
+                out = out * float("nan")
+        return out
+
+
+def test_a_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint():
+    model = NaNAfter(build_model("baseline_cnn", channels=[8, 16], hidden=32), n=8)
+    x, y = synthetic_digits()
+    saved = []
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 2, step 3"):
+        train_classifier(
+            model, x, y,
+            epochs=4, steps_per_epoch=5, batch_size=16, lr=0.003, weight_decay=0.0,
+            augment=NO_AUGMENT, device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(0), on_checkpoint=saved.append,
+        )  # fmt: skip
+    assert [s["epoch"] for s in saved] == [1]
+    assert all(torch.isfinite(v).all() for v in saved[0]["model"].values())
+
+
+def test_training_state_is_resumed_only_with_the_same_fingerprint(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    code = [Path(__file__)]
+    fingerprint = run_fingerprint({"lr": 0.1}, [torch.arange(5)], code)
+    assert fingerprint == run_fingerprint({"lr": 0.1}, [torch.arange(5)], code)
+    save_training_state(path, {"epoch": 3, "history": []}, fingerprint)
+    assert load_training_state(path, fingerprint)["epoch"] == 3
+    assert "resuming from" in capsys.readouterr().out
+
+    for other in (
+        run_fingerprint({"lr": 0.2}, [torch.arange(5)], code),  # other params
+        run_fingerprint({"lr": 0.1}, [torch.arange(6)], code),  # other split
+    ):
+        assert load_training_state(path, other) is None
+        assert "starting fresh" in capsys.readouterr().out
+    assert load_training_state(tmp_path / "absent.pt", fingerprint) is None

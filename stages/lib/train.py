@@ -1,11 +1,14 @@
-"""Training loops and dvclive logging.
+"""Training loops, resumable training state, and dvclive logging.
 
 Trainers take tensors and return results; they never touch paths. Per-epoch statistics
-go to an `on_epoch(stats)` callback, which the stage script connects to dvclive.
+go to an `on_epoch(stats)` callback (the stage connects it to dvclive) and the complete
+training state to `on_checkpoint(state)` (the stage saves it); passing that state back as
+`resume` continues the run exactly where it stopped, RNG streams included.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,10 +20,16 @@ import torch.nn.functional as F
 from dvclive import Live
 from torch import nn
 
+from .config import PipelineError
 from .data import random_affine, to_input
 from .evaluation import classification_metrics, predict_logits
 
 EpochCallback = Callable[[dict[str, float]], None]
+CheckpointCallback = Callable[[dict[str, Any]], None]
+
+
+class TrainingDiverged(PipelineError):
+    """A loss became NaN or infinite; the last saved training state is left in place."""
 
 
 @dataclass
@@ -35,6 +44,29 @@ class TrainResult:
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Every random stream a trainer draws from: its sampler and torch's global RNGs."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step}; lower the "
+            f"learning rate or check the data (the last epoch's checkpoint is kept)"
+        )
 
 
 def train_classifier(
@@ -53,6 +85,8 @@ def train_classifier(
     x_val: torch.Tensor | None = None,
     y_val: torch.Tensor | None = None,
     on_epoch: EpochCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Supervised training on labeled uint8 images with random affine augmentation.
 
@@ -67,14 +101,23 @@ def train_classifier(
     n = len(x_labeled)
     best_acc, best_epoch, best_state = -1.0, epochs, None
     history: list[dict[str, float]] = []
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        set_rng_state(generator, resume["rng"])
+        history = list(resume["history"])
+        best_acc, best_epoch, best_state = resume["best"]
+        first_epoch = resume["epoch"] + 1
     start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         loss_sum = correct = 0.0
-        for _ in range(steps_per_epoch):
+        for step in range(1, steps_per_epoch + 1):
             idx = torch.randint(n, (batch_size,), generator=generator).to(device)
             xb = random_affine(to_input(x_labeled[idx]), **augment, generator=generator)
             logits = model(xb)
             loss = F.cross_entropy(logits, y_labeled[idx])
+            check_finite(loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -91,6 +134,18 @@ def train_classifier(
             if val["accuracy"] > best_acc:
                 best_acc, best_epoch, best_state = val["accuracy"], epoch, _state_copy(model)
         history.append(stats)
+        if on_checkpoint is not None:
+            on_checkpoint(
+                {
+                    "epoch": epoch,
+                    "model": _state_copy(model),
+                    # Copies: the optimizer's tensors and the history change in place later.
+                    "optimizer": copy.deepcopy(optimizer.state_dict()),
+                    "rng": rng_state(generator),
+                    "history": list(history),
+                    "best": (best_acc, best_epoch, best_state),
+                }
+            )
         if on_epoch is not None:
             on_epoch(stats)
     last_state = _state_copy(model)
@@ -100,18 +155,26 @@ def train_classifier(
         best_epoch=best_epoch,
         history=history,
         seconds=time.perf_counter() - start,
-        images_seen=epochs * steps_per_epoch * batch_size,
+        images_seen=(epochs - first_epoch + 1) * steps_per_epoch * batch_size,
     )
 
 
-def open_live(directory: Path | str, params: dict[str, Any]) -> Live:
+def open_live(
+    directory: Path | str, params: dict[str, Any], history: list[dict[str, float]] = ()
+) -> Live:
     """A dvclive logger for one trainer: one step per epoch, plots declared in dvc.yaml.
 
     `dvcyaml=None` because dvc.yaml declares the metrics and plots itself (once), and
     `save_dvc_exp=False` because `dvc exp run` already records the experiment.
+    A resumed run passes the checkpoint's `history`: the logs are rebuilt from it rather
+    than continued with dvclive's `resume=True`, so they match the checkpoint exactly even
+    when the killed run died between saving the checkpoint and logging that epoch.
     """
     live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None)
     live.log_params(params)
+    log = live_epoch_logger(live)
+    for stats in history:
+        log(stats)
     return live
 
 
