@@ -1,15 +1,21 @@
 """Stage evaluate: test-set accuracy and confusion matrix of every trained model.
 
-Writes metrics/evaluate.json as {model: {"test_accuracy": ..., ...}} (fractions in 0..1)
-and plots/confusion/<model>.csv (one row per test image) for DVC's confusion template.
+Writes metrics/evaluate.json as {model: {"test_accuracy": ..., ...}} (fractions in 0..1),
+plots/confusion/<model>.csv (one row per test image) for DVC's confusion template, and the
+results table metrics/summary.md.
 """
 
 from __future__ import annotations
 
 from .lib.config import MODEL_PRODUCERS, PipelineError, load_params, resolve_device, run_stage
-from .lib.evaluation import classification_metrics, predict_logits
+from .lib.evaluation import classification_metrics, predict_logits, results_markdown
 from .lib.io import load_model, write_json, write_text
 from .lib.paths import METRICS_DIR, PLOTS_DIR, load_raw, model_file
+
+# What each model is, for the results table.
+METHODS = {"baseline": "supervised CNN, labeled images only"}
+# Headline figures of the seed reports (floors to beat), by (dataset, labels used).
+REPORTED = {"baseline": {("mnist", 100): ("SGAN report", 0.8273)}}
 
 
 def main() -> None:
@@ -49,6 +55,9 @@ def main() -> None:
         write_text(PLOTS_DIR / "confusion" / f"{name}.csv", f"actual,predicted\n{rows}\n")
         print(f"{name}: test accuracy {results[name]['test_accuracy']:.4f} on {len(y_test)} images")
     write_json(METRICS_DIR / "evaluate.json", results)
+    write_text(
+        METRICS_DIR / "summary.md", results_markdown(results, params["dataset"], METHODS, REPORTED)
+    )
 
 
 if __name__ == "__main__":

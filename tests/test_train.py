@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.lib.data import random_affine, to_input
-from stages.lib.evaluation import classification_metrics, confusion_matrix
+from stages.lib.evaluation import classification_metrics, confusion_matrix, results_markdown
 from stages.lib.io import load_training_state, run_fingerprint, save_training_state
 from stages.lib.nets import build_model
 from stages.lib.train import TrainingDiverged, train_classifier
@@ -203,3 +203,22 @@ def test_training_state_is_resumed_only_with_the_same_fingerprint(tmp_path, caps
         assert load_training_state(path, other) is None
         assert "starting fresh" in capsys.readouterr().out
     assert load_training_state(tmp_path / "absent.pt", fingerprint) is None
+
+
+def test_results_table_puts_the_report_figure_beside_ours_for_the_same_setting():
+    result = {
+        "test_accuracy": 0.9502,
+        "labels_used": 100,
+        "n_val": 0,
+        "n_test": 10000,
+        "per_class_accuracy": {str(c): 0.9 for c in range(10)},
+    }
+    results = {"baseline": result, "other": {**result, "labels_used": 250}}
+    reported = {"baseline": {("mnist", 100): ("SGAN report", 0.8273)},
+                "other": {("mnist", 100): ("Some report", 0.5)}}  # fmt: skip
+    table = results_markdown(
+        results, "mnist", {"baseline": "supervised CNN", "other": "x"}, reported
+    )
+    assert "| baseline | supervised CNN | 100 | 95.02% | 82.73% (SGAN report) |" in table
+    assert "| other | x | 250 | 95.02% | - |" in table  # another label count: no figure
+    assert "| baseline | " + " | ".join(["90.0%"] * 10) + " |" in table
