@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 
 def sh(cwd: Path, *args: str) -> str:
@@ -43,3 +44,20 @@ def test_metrics_diff_between_commits_shows_the_changed_accuracy(repo):
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells == ["metrics/evaluate.json", "baseline.test_accuracy", "0.9", "0.95", "0.05"]
     assert "n_labeled" not in table  # unchanged metrics are left out
+
+
+def test_pull_request_workflow_runs_smoke_pipeline_and_posts_both_diffs():
+    workflow_file = Path(__file__).parent.parent / ".github/workflows/pr-metrics.yml"
+    workflow = yaml.safe_load(workflow_file.read_text())
+    assert "pull_request" in workflow[True]  # YAML 1.1 reads the key `on` as True
+    steps = workflow["jobs"]["smoke"]["steps"]
+    assert steps[0]["with"]["fetch-depth"] == 0
+    script = "\n".join(step.get("run", "") for step in steps)
+    for command in (
+        "python -m stages.profile smoke",
+        "dvc repro",
+        "dvc metrics diff origin/main --md",
+        "dvc params diff origin/main --md",
+        "gh pr comment",
+    ):
+        assert command in script
