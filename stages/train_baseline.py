@@ -9,17 +9,12 @@ from __future__ import annotations
 
 from functools import partial
 
-from .lib.config import (
-    DATASET_CLASSES,
-    load_params,
-    resolve_device,
-    run_stage,
-    seed_everything,
-)
-from .lib.io import load_training_state, run_fingerprint, save_checkpoint, save_training_state
+from .lib.config import DATASET_CLASSES, load_params, resolve_device, run_stage, seed_everything
+from .lib.io import run_fingerprint, save_checkpoint
 from .lib.nets import build_model
 from .lib.paths import METRICS_DIR, load_raw, load_split, model_file
-from .lib.train import live_epoch_logger, open_live, train_classifier
+from .lib.resume import fit_resumable
+from .lib.train import TrainResult, train_classifier
 
 
 def main() -> None:
@@ -38,15 +33,22 @@ def main() -> None:
     }
     model = build_model("baseline_cnn", **arch_config)
 
-    checkpoint = model_file("baseline").with_name("checkpoint.pt")
-    run_config = {"train": cfg, "seed": params["seed"], "dataset": params["dataset"]}
-    fingerprint = run_fingerprint(run_config, [labeled, val], code_files=[__file__])
-    resume = load_training_state(checkpoint, fingerprint)
+    def save_final(result: TrainResult) -> None:
+        # The best-on-validation weights (the last epoch when there is no validation set).
+        model.load_state_dict(result.best_state)
+        meta = {
+            "dataset": params["dataset"],
+            "n_labeled": len(labeled),
+            "n_val": len(val),
+            "best_epoch": result.best_epoch,
+            "epochs": cfg["epochs"],
+        }
+        save_checkpoint(model_file("baseline"), model, "baseline_cnn", arch_config, meta)
 
-    live_params = {**cfg, "labels": len(labeled)}
-    history = resume["history"] if resume else []
-    with open_live(METRICS_DIR / "train_baseline", live_params, history) as live:
-        result = train_classifier(
+    run_config = {"train": cfg, "seed": params["seed"], "dataset": params["dataset"]}
+    fit_resumable(
+        partial(
+            train_classifier,
             model,
             data["x_train"][labeled],
             data["y_train"][labeled],
@@ -54,34 +56,21 @@ def main() -> None:
             steps_per_epoch=cfg["steps_per_epoch"],
             batch_size=cfg["batch_size"],
             lr=cfg["lr"],
+            lr_schedule=cfg["lr_schedule"],
             weight_decay=cfg["weight_decay"],
             augment=cfg["augment"],
             device=device,
             generator=generator,
             x_val=data["x_train"][val],
             y_val=data["y_train"][val],
-            on_epoch=live_epoch_logger(live),
-            on_checkpoint=partial(save_training_state, checkpoint, fingerprint=fingerprint),
-            resume=resume,
-        )
-        live.summary["best_epoch"] = result.best_epoch
-
-    # Evaluate the best-on-validation weights (the last epoch when there is no validation set).
-    model.load_state_dict(result.best_state)
-    meta = {
-        "dataset": params["dataset"],
-        "n_labeled": len(labeled),
-        "n_val": len(val),
-        "best_epoch": result.best_epoch,
-        "epochs": cfg["epochs"],
-    }
-    save_checkpoint(model_file("baseline"), model, "baseline_cnn", arch_config, meta)
-    checkpoint.unlink(missing_ok=True)
-    rate = result.images_seen / max(result.seconds, 1e-9)
-    print(
-        f"trained on {len(labeled)} labels (+{len(val)} validation) for {cfg['epochs']} epochs "
-        f"in {result.seconds:.1f}s ({rate:.0f} images/s on {device})"
+        ),
+        checkpoint=model_file("baseline").with_name("checkpoint.pt"),
+        fingerprint=run_fingerprint(run_config, [labeled, val], code_files=[__file__]),
+        live_dir=METRICS_DIR / "train_baseline",
+        live_params={**cfg, "labels": len(labeled)},
+        save_final=save_final,
     )
+    print(f"baseline: {len(labeled)} labels (+{len(val)} validation) on {device}")
 
 
 if __name__ == "__main__":

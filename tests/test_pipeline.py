@@ -22,7 +22,8 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
-STAGES = ("download", "split", "train_baseline", "evaluate")
+CEILING_STAGES = tuple(f"train_ceilings@{n}" for n in ("linear", "fc256", "cnn4", "cnn5"))
+STAGES = ("download", "split", "train_baseline", *CEILING_STAGES, "evaluate")
 OUTPUTS = ("models/baseline/model.pt", "metrics/train_baseline/metrics.json")
 CHECKPOINT = "models/baseline/checkpoint.pt"
 # Built outputs and local state that a fresh clone would not have.
@@ -90,9 +91,14 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     split = json.loads((repo / "metrics/split.json").read_text())
     assert split["n_labeled"] == 100 and set(split["labeled_per_class"].values()) == {10}
     assert split["n_labeled"] + split["n_val"] + split["n_unlabeled"] == 3000
-    baseline = json.loads((repo / "metrics/evaluate.json").read_text())["baseline"]
+    evaluated = json.loads((repo / "metrics/evaluate.json").read_text())
+    baseline = evaluated["baseline"]
     assert 0.0 <= baseline["test_accuracy"] <= 1.0 and baseline["n_test"] == 1000
     assert baseline["labels_used"] == 100
+    for name in ("linear", "fc256", "cnn4", "cnn5"):
+        assert evaluated[f"ceiling_{name}"]["labels_used"] == 60000
+    summary = (repo / "metrics/summary.md").read_text()
+    assert "| ceiling_cnn5 | fully supervised ceiling: 5-layer CNN | 60,000 |" in summary
     confusion = (repo / "plots/confusion/baseline.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 1001
     live = json.loads((repo / "metrics/train_baseline/metrics.json").read_text())

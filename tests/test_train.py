@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stages.lib.config import CEILINGS
 from stages.lib.data import random_affine, to_input
 from stages.lib.evaluation import classification_metrics, confusion_matrix, results_markdown
 from stages.lib.io import load_training_state, run_fingerprint, save_training_state
@@ -222,3 +223,19 @@ def test_results_table_puts_the_report_figure_beside_ours_for_the_same_setting()
     assert "| baseline | supervised CNN | 100 | 95.02% | 82.73% (SGAN report) |" in table
     assert "| other | x | 250 | 95.02% | - |" in table  # another label count: no figure
     assert "| baseline | " + " | ".join(["90.0%"] * 10) + " |" in table
+
+
+@pytest.mark.parametrize("name", list(CEILINGS))
+def test_ceiling_architectures_give_ten_logits(name):
+    arch, config = CEILINGS[name]
+    model = build_model(arch, n_classes=10, **config)
+    assert model(to_input(synthetic_digits(3)[0])).shape == (3, 10)
+
+
+def test_cosine_schedule_decays_to_zero_and_resumes_on_the_same_curve():
+    saved = []
+    _, reference = _train_with(seed=4, lr_schedule="cosine", on_checkpoint=saved.append)
+    optimizer_lr = saved[-1]["optimizer"]["param_groups"][0]["lr"]
+    assert 0 < optimizer_lr < 0.003 * 0.05  # last step of 20: almost fully decayed
+    _, resumed = _train_with(seed=0, lr_schedule="cosine", resume=saved[1])
+    assert resumed.history == reference.history

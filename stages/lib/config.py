@@ -23,8 +23,19 @@ PARAMS_FILE = Path("params.yaml")
 # is read, so `labels: 105` fails at once rather than after the download stage.
 DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10}
 
+# The CS229 report's fully supervised classifiers: name -> (architecture, its settings).
+CEILINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "linear": ("mlp", {"hidden": []}),
+    "fc256": ("mlp", {"hidden": [256]}),
+    "cnn4": ("cs229_cnn", {"channels": [32]}),
+    "cnn5": ("cs229_cnn", {"channels": [32, 64]}),
+}
+
 # Models `evaluate` can score (models/<name>/model.pt) and the stage that trains each.
-MODEL_PRODUCERS = {"baseline": "train_baseline"}
+MODEL_PRODUCERS = {
+    "baseline": "train_baseline",
+    **{f"ceiling_{name}": f"train_ceilings@{name}" for name in CEILINGS},
+}
 
 
 class PipelineError(Exception):
@@ -115,10 +126,17 @@ def list_of(item: Callable[[Any, str], None], *, min_len: int = 0, unique: bool 
     return check
 
 
+def boolean(value: Any, key: str) -> None:
+    if not isinstance(value, bool):
+        _fail(key, value, "true or false")
+
+
 def device(value: Any, key: str) -> None:
     if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         _fail(key, value, "auto, cpu, cuda or cuda:N")
 
+
+LR_SCHEDULES = ("constant", "cosine")
 
 AUGMENT = {
     "rotate_deg": number(0, 180),
@@ -145,11 +163,20 @@ SCHEMA: dict[str, Any] = {
         "steps_per_epoch": integer(minimum=1),
         "batch_size": integer(minimum=1),
         "lr": number(0, open_low=True),
+        "lr_schedule": choice(LR_SCHEDULES),
         "weight_decay": number(0),
         "channels": list_of(integer(minimum=1), min_len=2),
         "hidden": integer(minimum=1),
         "dropout": number(0, 1),
         "augment": AUGMENT,
+    },
+    "train_ceilings": {
+        "batch_size": integer(minimum=1),
+        "steps_per_epoch": integer(minimum=0),  # 0 = one pass over the training set
+        "lr": number(0, open_low=True),
+        "lr_schedule": choice(LR_SCHEDULES),
+        "augment": AUGMENT,
+        "models": {name: {"epochs": integer(minimum=1), "augment": boolean} for name in CEILINGS},
     },
     "evaluate": {
         "models": list_of(choice(tuple(MODEL_PRODUCERS)), min_len=1, unique=True),

@@ -225,6 +225,9 @@ def to_input(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1).float().div_(255.0)
 
 
+NO_AUGMENT = {"rotate_deg": 0.0, "translate": 0.0, "scale": 0.0}
+
+
 def random_affine(
     x: torch.Tensor,
     rotate_deg: float,

@@ -47,8 +47,58 @@ class BaselineCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class MLP(nn.Module):
+    """The CS229 report's linear softmax (`hidden=[]`) and fully connected net ([256])."""
+
+    def __init__(self, n_classes: int = 10, hidden: list[int] = (), image_size: int = 28) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = image_size * image_size
+        for units in hidden:
+            layers += [nn.Linear(width, units), nn.ReLU(inplace=True)]
+            width = units
+        self.net = nn.Sequential(*layers, nn.Linear(width, n_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class CS229CNN(nn.Module):
+    """The CS229 report's 4-layer ([32]) and 5-layer ([32, 64]) CNNs.
+
+    5x5 valid convolutions with ReLU, one 2x2 max-pool, Linear(hidden) + ReLU, classifier.
+    """
+
+    def __init__(
+        self,
+        n_classes: int = 10,
+        channels: list[int] = (32,),
+        hidden: int = 128,
+        kernel: int = 5,
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels, side = 1, image_size
+        for out_channels in channels:
+            layers += [nn.Conv2d(in_channels, out_channels, kernel), nn.ReLU(inplace=True)]
+            in_channels, side = out_channels, side - kernel + 1
+        side //= 2
+        self.features = nn.Sequential(*layers, nn.MaxPool2d(2), nn.Flatten())
+        self.classifier = nn.Sequential(
+            nn.Linear(in_channels * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "baseline_cnn": BaselineCNN,
+    "mlp": MLP,
+    "cs229_cnn": CS229CNN,
 }
 
 

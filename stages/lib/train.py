@@ -9,6 +9,7 @@ training state to `on_checkpoint(state)` (the stage saves it); passing that stat
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,13 +88,16 @@ def train_classifier(
     on_epoch: EpochCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     resume: dict[str, Any] | None = None,
+    lr_schedule: str = "constant",
 ) -> TrainResult:
     """Supervised training on labeled uint8 images with random affine augmentation.
 
     Each step draws `batch_size` labeled images with replacement (so a 100-image budget and
     a 6000-image budget run the same number of steps), augments them on `device`, and takes
     an Adam step on the cross-entropy. With a validation set the best epoch by validation
-    accuracy is kept; the test set never enters here.
+    accuracy is kept; the test set never enters here. `lr_schedule="cosine"` decays the
+    learning rate from `lr` to 0 over all steps; it is a function of the step alone, so a
+    resumed run follows the same schedule.
     """
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -113,6 +117,10 @@ def train_classifier(
     for epoch in range(first_epoch, epochs + 1):
         loss_sum = correct = 0.0
         for step in range(1, steps_per_epoch + 1):
+            if lr_schedule == "cosine":
+                progress = ((epoch - 1) * steps_per_epoch + step - 1) / (epochs * steps_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * progress))
             idx = torch.randint(n, (batch_size,), generator=generator).to(device)
             xb = random_affine(to_input(x_labeled[idx]), **augment, generator=generator)
             logits = model(xb)
