@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from stages.lib.config import CEILINGS
-from stages.lib.data import random_affine, to_input
+from stages.lib.data import NO_AUGMENT, random_affine, to_input
 from stages.lib.evaluation import classification_metrics, confusion_matrix, results_markdown
 from stages.lib.io import load_training_state, run_fingerprint, save_training_state
 from stages.lib.nets import build_model
 from stages.lib.train import TrainingDiverged, train_classifier
 
 AUGMENT = {"rotate_deg": 12.0, "translate": 0.1, "scale": 0.1}
-NO_AUGMENT = {"rotate_deg": 0.0, "translate": 0.0, "scale": 0.0}
 
 
 def synthetic_digits(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,27 +61,19 @@ def test_baseline_cnn_shapes_and_gradients():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def _train(seed: int, epochs: int = 3):
+def _train(seed: int, *, epochs: int = 3, steps: int = 10, dropout: float = 0.0, **kwargs):
+    """Train a small baseline CNN on synthetic digits; kwargs go to train_classifier."""
     torch.manual_seed(seed)
-    model = build_model("baseline_cnn", n_classes=10, channels=[8, 16], hidden=32, dropout=0.0)
+    model = build_model("baseline_cnn", n_classes=10, channels=[8, 16], hidden=32, dropout=dropout)
     x, y = synthetic_digits()
     x_val, y_val = synthetic_digits(20, seed=1)
     result = train_classifier(
-        model,
-        x,
-        y,
-        epochs=epochs,
-        steps_per_epoch=10,
-        batch_size=16,
-        lr=0.003,
-        weight_decay=0.0,
-        augment=AUGMENT,
-        device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed),
-        x_val=x_val,
-        y_val=y_val,
-    )
-    return model, result, (x, y)
+        model, x, y,
+        epochs=epochs, steps_per_epoch=steps, batch_size=16, lr=0.003, weight_decay=0.0,
+        augment=AUGMENT, device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(seed), x_val=x_val, y_val=y_val, **kwargs,
+    )  # fmt: skip
+    return model, result
 
 
 def test_training_lowers_the_loss():
@@ -90,7 +81,7 @@ def test_training_lowers_the_loss():
     model = build_model("baseline_cnn", n_classes=10, channels=[8, 16], hidden=32, dropout=0.0)
     x, y = synthetic_digits()
     before = F.cross_entropy(model(to_input(x)), y).item()
-    model, result, _ = _train(seed=0)
+    model, result = _train(seed=0)
     model.eval()
     after = F.cross_entropy(model(to_input(x)), y).item()
     assert after < 0.5 * before
@@ -98,8 +89,8 @@ def test_training_lowers_the_loss():
 
 
 def test_training_is_deterministic_for_a_seed_and_keeps_the_best_epoch():
-    _, a, _ = _train(seed=5)
-    _, b, _ = _train(seed=5)
+    _, a = _train(seed=5)
+    _, b = _train(seed=5)
     assert a.history == b.history
     for key in a.last_state:
         assert torch.equal(a.last_state[key], b.last_state[key])
@@ -117,18 +108,8 @@ def test_metrics_and_confusion_matrix():
     assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
 
 
-def _train_with(seed: int, **kwargs):
-    torch.manual_seed(seed)
-    model = build_model("baseline_cnn", n_classes=10, channels=[8, 16], hidden=32, dropout=0.3)
-    x, y = synthetic_digits()
-    x_val, y_val = synthetic_digits(20, seed=1)
-    result = train_classifier(
-        model, x, y,
-        epochs=4, steps_per_epoch=5, batch_size=16, lr=0.003, weight_decay=0.0,
-        augment=AUGMENT, device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed), x_val=x_val, y_val=y_val, **kwargs,
-    )  # fmt: skip
-    return model, result
+# The resume tests: dropout on, so torch's global RNG must be restored too.
+RESUME_SETUP = {"epochs": 4, "steps": 5, "dropout": 0.3}
 
 
 class Interrupt(Exception):
@@ -136,7 +117,7 @@ class Interrupt(Exception):
 
 
 def test_an_interrupted_run_resumes_to_the_same_result():
-    _, reference = _train_with(seed=3)
+    _, reference = _train(seed=3, **RESUME_SETUP)
 
     saved = []
 
@@ -145,11 +126,11 @@ def test_an_interrupted_run_resumes_to_the_same_result():
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        _train_with(seed=3, on_checkpoint=saved.append, on_epoch=stop_after_epoch_2)
+        _train(seed=3, **RESUME_SETUP, on_checkpoint=saved.append, on_epoch=stop_after_epoch_2)
     assert [s["epoch"] for s in saved] == [1, 2]
 
     # Other seed on purpose: everything that matters must come from the checkpoint.
-    _, resumed = _train_with(seed=99, resume=saved[-1])
+    _, resumed = _train(seed=99, **RESUME_SETUP, resume=saved[-1])
     assert resumed.history == reference.history
     assert resumed.best_epoch == reference.best_epoch
     for key, value in reference.last_state.items():
@@ -234,8 +215,8 @@ def test_ceiling_architectures_give_ten_logits(name):
 
 def test_cosine_schedule_decays_to_zero_and_resumes_on_the_same_curve():
     saved = []
-    _, reference = _train_with(seed=4, lr_schedule="cosine", on_checkpoint=saved.append)
+    _, reference = _train(seed=4, **RESUME_SETUP, lr_schedule="cosine", on_checkpoint=saved.append)
     optimizer_lr = saved[-1]["optimizer"]["param_groups"][0]["lr"]
     assert 0 < optimizer_lr < 0.003 * 0.05  # last step of 20: almost fully decayed
-    _, resumed = _train_with(seed=0, lr_schedule="cosine", resume=saved[1])
+    _, resumed = _train(seed=0, **RESUME_SETUP, lr_schedule="cosine", resume=saved[1])
     assert resumed.history == reference.history
