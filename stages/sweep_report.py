@@ -22,7 +22,7 @@ from statistics import mean
 from typing import Any
 
 from .lib.config import PipelineError, run_stage
-from .lib.io import atomic_open, write_text
+from .lib.io import save_figure, write_text
 from .lib.paths import METRICS_DIR, PLOTS_DIR
 
 SWEPT = ("labels", "seed")
@@ -121,8 +121,7 @@ def plot_sweep(table: dict[str, dict[int, dict[int, float]]], path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_open(path) as handle:
-        fig.savefig(handle, format="png")
+    save_figure(path, fig)
     plt.close(fig)
 
 

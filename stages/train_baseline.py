@@ -10,11 +10,10 @@ from __future__ import annotations
 from functools import partial
 
 from .lib.config import DATASET_CLASSES, load_params, resolve_device, run_stage, seed_everything
-from .lib.io import run_fingerprint, save_checkpoint
 from .lib.nets import build_model
 from .lib.paths import METRICS_DIR, load_raw, load_split, model_file
-from .lib.resume import fit_resumable
-from .lib.train import TrainResult, train_classifier
+from .lib.resume import fit_and_save
+from .lib.train import train_classifier
 
 
 def main() -> None:
@@ -33,20 +32,7 @@ def main() -> None:
     }
     model = build_model("baseline_cnn", **arch_config)
 
-    def save_final(result: TrainResult) -> None:
-        # The best-on-validation weights (the last epoch when there is no validation set).
-        model.load_state_dict(result.best_state)
-        meta = {
-            "dataset": params["dataset"],
-            "n_labeled": len(labeled),
-            "n_val": len(val),
-            "best_epoch": result.best_epoch,
-            "epochs": cfg["epochs"],
-        }
-        save_checkpoint(model_file("baseline"), model, "baseline_cnn", arch_config, meta)
-
-    run_config = {"train": cfg, "seed": params["seed"], "dataset": params["dataset"]}
-    fit_resumable(
+    fit_and_save(
         partial(
             train_classifier,
             model,
@@ -64,11 +50,21 @@ def main() -> None:
             x_val=data["x_train"][val],
             y_val=data["y_train"][val],
         ),
-        checkpoint=model_file("baseline").with_name("checkpoint.pt"),
-        fingerprint=run_fingerprint(run_config, [labeled, val], code_files=[__file__]),
+        model=model,
+        model_path=model_file("baseline"),
+        arch="baseline_cnn",
+        arch_config=arch_config,
+        meta={
+            "dataset": params["dataset"],
+            "n_labeled": len(labeled),
+            "n_val": len(val),
+            "epochs": cfg["epochs"],
+        },
+        run_config={"train": cfg, "seed": params["seed"], "dataset": params["dataset"]},
+        data=[labeled, val],
+        code_file=__file__,
         live_dir=METRICS_DIR / "train_baseline",
         live_params={**cfg, "labels": len(labeled)},
-        save_final=save_final,
     )
     print(f"baseline: {len(labeled)} labels (+{len(val)} validation) on {device}")
 

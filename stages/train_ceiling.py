@@ -25,11 +25,10 @@ from .lib.config import (
     seed_everything,
 )
 from .lib.data import NO_AUGMENT
-from .lib.io import run_fingerprint, save_checkpoint
 from .lib.nets import build_model
 from .lib.paths import METRICS_DIR, load_raw, model_file
-from .lib.resume import fit_resumable
-from .lib.train import TrainResult, train_classifier
+from .lib.resume import fit_and_save
+from .lib.train import train_classifier
 
 
 def main() -> None:
@@ -48,19 +47,7 @@ def main() -> None:
     model_name = f"ceiling_{name}"
     n_train = len(data["y_train"])
 
-    def save_final(result: TrainResult) -> None:
-        model.load_state_dict(result.last_state)
-        meta = {
-            "dataset": params["dataset"],
-            "n_labeled": n_train,
-            "n_val": 0,
-            "best_epoch": result.best_epoch,
-            "epochs": model_cfg["epochs"],
-        }
-        save_checkpoint(model_file(model_name), model, arch, arch_config, meta)
-
-    run_config = {"train": cfg, "name": name, "seed": params["seed"], "dataset": params["dataset"]}
-    fit_resumable(
+    fit_and_save(
         partial(
             train_classifier,
             model,
@@ -77,11 +64,26 @@ def main() -> None:
             device=device,
             generator=generator,
         ),
-        checkpoint=model_file(model_name).with_name("checkpoint.pt"),
-        fingerprint=run_fingerprint(run_config, [torch.tensor(n_train)], code_files=[__file__]),
+        model=model,
+        model_path=model_file(model_name),
+        arch=arch,
+        arch_config=arch_config,
+        meta={
+            "dataset": params["dataset"],
+            "n_labeled": n_train,
+            "n_val": 0,
+            "epochs": model_cfg["epochs"],
+        },
+        run_config={
+            "train": cfg,
+            "name": name,
+            "seed": params["seed"],
+            "dataset": params["dataset"],
+        },
+        data=[torch.tensor(n_train)],
+        code_file=__file__,
         live_dir=METRICS_DIR / "train_ceilings" / name,
         live_params={**cfg["models"][name], "lr": cfg["lr"], "batch_size": cfg["batch_size"]},
-        save_final=save_final,
     )
     print(f"{model_name}: {n_train} labels on {device}")
 

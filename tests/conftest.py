@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from stages.lib import data as data_lib
 
@@ -44,3 +45,16 @@ def tiny_source(tmp_path, monkeypatch):
         checksums[filename] = (hashlib.md5(raw).hexdigest(), hashlib.sha256(raw).hexdigest())
     monkeypatch.setitem(data_lib.CHECKSUMS, "mnist", checksums)
     return folder, arrays
+
+
+AUGMENT = {"rotate_deg": 12.0, "translate": 0.1, "scale": 0.1}
+
+
+def synthetic_digits(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten easy classes: class c is a bright bar at row 2c + noise."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = torch.randint(0, 40, (n, 28, 28), generator=gen, dtype=torch.uint8)
+    for i, c in enumerate(y.tolist()):
+        x[i, 4 + 2 * c : 6 + 2 * c, 4:24] = 255
+    return x, y

@@ -51,6 +51,11 @@ def test_repository_params_and_profiles_are_valid():
         ("evaluate.models", ["baseline", "magic"], "evaluate.models\\[1\\] must be one of"),
         ("download.datasets", [], "download.datasets must be a list of at least 1"),
         ("train_baseline", [1, 2], "train_baseline must be a mapping"),
+        ("train_consistency.weights.entropy", -1, "weights.entropy must be a number >= 0"),
+        ("train_consistency.threshold", 1.5, "threshold must be a number >= 0 and <= 1"),
+        ("train_consistency.teacher", "oracle", "teacher must be one of student, ema"),
+        ("pseudo_label.rule", "vote", "pseudo_label.rule must be one of knn, majority"),
+        ("features.backbone", "ceiling_cnn5", "features.backbone must be one of"),
     ],
 )
 def test_bad_values_are_named(key, value, message):
@@ -86,3 +91,10 @@ def test_profile_may_only_override_existing_keys():
 def test_auto_device_is_cpu_without_cuda():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
+
+
+def test_an_ema_teacher_needs_a_moving_average():
+    params = with_value("train_consistency.teacher", "ema")
+    params["train_consistency"]["ema_decay"] = 0
+    with pytest.raises(PipelineError, match="teacher is ema but ema_decay is 0"):
+        validate_params(params)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,22 @@ import yaml
 from tests.conftest import REPO_ROOT
 
 CEILING_STAGES = tuple(f"train_ceilings@{n}" for n in ("linear", "fc256", "cnn4", "cnn5"))
-STAGES = ("download", "split", "train_baseline", *CEILING_STAGES, "evaluate")
+ATTENTION_MODELS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["attention"]["models"]
+ATTENTION_STAGES = tuple(f"attention@{m}" for m in ATTENTION_MODELS)
+# Stages downstream of `split` (besides train_baseline): a labels change re-runs them.
+SEMI_SUPERVISED_STAGES = ("train_consistency", "extract_features", "pseudo_label", "retrain")
+VAE_SVM_STAGES = tuple(f"vae_svm@{n}" for n in (100, 600, 1000, 3000))
+STAGES = (
+    "download",
+    "split",
+    "train_baseline",
+    *SEMI_SUPERVISED_STAGES,
+    *CEILING_STAGES,
+    "train_vae",
+    *VAE_SVM_STAGES,
+    "evaluate",
+    *ATTENTION_STAGES,
+)
 OUTPUTS = ("models/baseline/model.pt", "metrics/train_baseline/metrics.json")
 CHECKPOINT = "models/baseline/checkpoint.pt"
 # Built outputs and local state that a fresh clone would not have.
@@ -39,6 +55,8 @@ NOT_COPIED = shutil.ignore_patterns(
     "tmp",
     "raw",
     "split",
+    "features",
+    "pseudo",
     "models",
 )
 
@@ -98,12 +116,33 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     for name in ("linear", "fc256", "cnn4", "cnn5"):
         assert evaluated[f"ceiling_{name}"]["labels_used"] == 60000
     summary = (repo / "metrics/summary.md").read_text()
-    assert "| ceiling_cnn5 | fully supervised ceiling: 5-layer CNN | 60,000 |" in summary
+    assert "| ceiling_cnn5 | fully supervised ceiling: 5-layer CNN | mnist | 60,000 |" in summary
+    # VAE + SVM: scored on its own dataset (fashion-mnist), no loss for SVM decision values.
+    for stage in VAE_SVM_STAGES:
+        vae_svm = evaluated[stage]
+        assert vae_svm["dataset"] == "fashion-mnist" and "test_loss" not in vae_svm
+        assert vae_svm["labels_used"] == int(stage.split("@")[1])
+    assert "| vae_svm@100 | M1: VAE latent means" in summary
+    for name in ("reconstructions", "latent_pca"):
+        assert (repo / f"plots/vae/{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # Semi-supervised chain: consistency CNN -> features -> k-means pseudo-labels -> retrain.
+    for name in ("consistency", "retrain"):
+        assert evaluated[name]["labels_used"] == 100
+    pseudo = json.loads((repo / "metrics/pseudo_label.json").read_text())
+    assert pseudo["n_pseudo_labeled"] == 3000 - 100  # the smoke pool minus the labeled set
+    assert 0 <= pseudo["hidden_label_accuracy"] <= 1
+    # Robustness sets: every model scored on each corrupted copy, as a table and a plot.
+    for result in evaluated.values():
+        assert set(result["robustness_accuracy"]) == {"noise", "rotation", "blur"}
+    assert "## Robustness" in summary
+    assert (repo / "plots/robustness.png").read_bytes()[:4] == b"\x89PNG"
     confusion = (repo / "plots/confusion/baseline.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 1001
     live = json.loads((repo / "metrics/train_baseline/metrics.json").read_text())
     assert live["step"] == 1  # two epochs, one dvclive step each
     assert (repo / "models/baseline/model.pt").is_file()
+    for name in ATTENTION_MODELS:
+        assert (repo / f"plots/attention/{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_metrics_and_plots_commands_read_the_outputs(repo, first_repro):
@@ -113,6 +152,17 @@ def test_metrics_and_plots_commands_read_the_outputs(repo, first_repro):
     page = (repo / "rendered/index.html").read_text()
     for plot_id in ("plots_confusion_baseline_csv", "train_baseline_plots_metrics_train_loss_tsv"):
         assert plot_id in page
+    shown_images = [
+        repo / "rendered" / src for src in re.findall(r'<img src="(static/[^"]+)">', page)
+    ]  # dvc copies every image beside the page
+    for name in ATTENTION_MODELS:
+        assert any(
+            path.name.endswith(f"plots_attention_{name}.png") and path.is_file()
+            for path in shown_images
+        )
+    # .dvc/config's page template inlines vega: nothing is loaded from the network.
+    assert not re.search(r"<script\b[^>]*\bsrc\s*=", page, re.IGNORECASE)
+    assert "vegaEmbed(" in page
 
 
 def test_second_repro_does_nothing(repo, first_repro):
@@ -134,7 +184,15 @@ def test_same_params_and_seed_give_identical_outputs(repo, first_repro):
 def test_exp_run_with_250_labels_reruns_split_and_downstream_only(repo, first_repro):
     dvc(repo, "status")  # settle DVC's state before timing-sensitive comparisons
     exp = dvc(repo, "exp", "run", "-S", "labels=250")
-    assert ran_stages(exp) == {"split", "train_baseline", "evaluate"}
+    # Attention maps of the models trained on the split (not of the ceilings).
+    attention = {f"attention@{m}" for m in ATTENTION_MODELS if not m.startswith("ceiling_")}
+    assert ran_stages(exp) == {
+        "split",
+        "train_baseline",
+        *SEMI_SUPERVISED_STAGES,
+        "evaluate",
+        *attention,
+    }
     split = json.loads((repo / "metrics/split.json").read_text())
     assert split["labeled_per_class"] == {str(c): 25 for c in range(10)}
     assert json.loads((repo / "metrics/evaluate.json").read_text())["baseline"]["n_labeled"] == 250

@@ -14,18 +14,7 @@ from stages.lib.evaluation import classification_metrics, confusion_matrix, resu
 from stages.lib.io import load_training_state, run_fingerprint, save_training_state
 from stages.lib.nets import build_model
 from stages.lib.train import TrainingDiverged, train_classifier
-
-AUGMENT = {"rotate_deg": 12.0, "translate": 0.1, "scale": 0.1}
-
-
-def synthetic_digits(n: int = 40, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ten easy classes: class c is a bright bar at row 2c + noise."""
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 10
-    x = torch.randint(0, 40, (n, 28, 28), generator=gen, dtype=torch.uint8)
-    for i, c in enumerate(y.tolist()):
-        x[i, 4 + 2 * c : 6 + 2 * c, 4:24] = 255
-    return x, y
+from tests.conftest import AUGMENT, synthetic_digits
 
 
 def test_to_input_scales_and_adds_channel():
@@ -189,20 +178,28 @@ def test_training_state_is_resumed_only_with_the_same_fingerprint(tmp_path, caps
 
 def test_results_table_puts_the_report_figure_beside_ours_for_the_same_setting():
     result = {
+        "dataset": "mnist",
         "test_accuracy": 0.9502,
         "labels_used": 100,
         "n_val": 0,
         "n_test": 10000,
         "per_class_accuracy": {str(c): 0.9 for c in range(10)},
     }
-    results = {"baseline": result, "other": {**result, "labels_used": 250}}
+    results = {
+        "baseline": result,
+        "other": {**result, "labels_used": 250},
+        "fashion": {**result, "dataset": "fashion-mnist"},
+    }
     reported = {"baseline": {("mnist", 100): ("SGAN report", 0.8273)},
-                "other": {("mnist", 100): ("Some report", 0.5)}}  # fmt: skip
-    table = results_markdown(
-        results, "mnist", {"baseline": "supervised CNN", "other": "x"}, reported
-    )
-    assert "| baseline | supervised CNN | 100 | 95.02% | 82.73% (SGAN report) |" in table
-    assert "| other | x | 250 | 95.02% | - |" in table  # another label count: no figure
+                "other": {("mnist", 100): ("Some report", 0.5)},
+                "fashion": {("mnist", 100): ("Some report", 0.5),
+                            ("fashion-mnist", 100): ("VAE report", 0.6482)}}  # fmt: skip
+    methods = {"baseline": "supervised CNN", "other": "x", "fashion": "y"}
+    table = results_markdown(results, methods, reported)
+    assert "| baseline | supervised CNN | mnist | 100 | 95.02% | 82.73% (SGAN report) |" in table
+    assert "| other | x | mnist | 250 | 95.02% | - |" in table  # another label count: no figure
+    # Each model beside the figure for its own dataset.
+    assert "| fashion | y | fashion-mnist | 100 | 95.02% | 64.82% (VAE report) |" in table
     assert "| baseline | " + " | ".join(["90.0%"] * 10) + " |" in table
 
 

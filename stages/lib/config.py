@@ -34,6 +34,10 @@ CEILINGS: dict[str, tuple[str, dict[str, Any]]] = {
 # Models `evaluate` can score (models/<name>/model.pt) and the stage that trains each.
 MODEL_PRODUCERS = {
     "baseline": "train_baseline",
+    "consistency": "train_consistency",
+    "retrain": "retrain",
+    # The VAE report's label budgets (dvc.yaml's vae_svm matrix runs each of them).
+    **{f"vae_svm@{n}": f"vae_svm@{n}" for n in (100, 600, 1000, 3000)},
     **{f"ceiling_{name}": f"train_ceilings@{name}" for name in CEILINGS},
 }
 
@@ -137,6 +141,11 @@ def device(value: Any, key: str) -> None:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+# Where extract_features cuts a backbone, and how pseudo_label names k-means clusters.
+FEATURE_LAYERS = ("penultimate", "conv")
+PSEUDO_LABEL_RULES = ("knn", "majority", "nearest_centroid")
+# Attention maps the `attention` stage can draw (grad_cam needs a conv layer).
+ATTENTION_METHODS = ("saliency", "grad_cam")
 
 AUGMENT = {
     "rotate_deg": number(0, 180),
@@ -178,10 +187,87 @@ SCHEMA: dict[str, Any] = {
         "augment": AUGMENT,
         "models": {name: {"epochs": integer(minimum=1), "augment": boolean} for name in CEILINGS},
     },
+    "train_consistency": {
+        "epochs": integer(minimum=1),
+        "steps_per_epoch": integer(minimum=1),
+        "batch_size": integer(minimum=1),
+        "unlabeled_ratio": integer(minimum=1),
+        "lr": number(0, open_low=True),
+        "lr_schedule": choice(LR_SCHEDULES),
+        "weight_decay": number(0),
+        "channels": list_of(integer(minimum=1), min_len=3),
+        "hidden": integer(minimum=1),
+        "batch_norm": boolean,
+        "weights": {
+            "cluster": number(0),
+            "consistency": number(0),
+            "entropy": number(0),
+            "pseudo_label": number(0),
+        },
+        "threshold": number(0, 1),
+        "ema_decay": number(0, 1),
+        "teacher": choice(("student", "ema")),
+        "weak_augment": AUGMENT,
+        "strong_augment": AUGMENT,
+        "cutout": integer(minimum=0),
+    },
+    "features": {
+        "backbone": choice(("baseline", "consistency")),
+        "layer": choice(FEATURE_LAYERS),
+        "batch_size": integer(minimum=1),
+    },
+    "pseudo_label": {
+        "rule": choice(PSEUDO_LABEL_RULES),
+        "n_clusters": integer(minimum=1),
+        "n_init": integer(minimum=1),
+        "n_neighbors": integer(minimum=1),
+    },
+    "retrain": {
+        "min_confidence": number(0, 1),
+        "epochs": integer(minimum=1),
+        "steps_per_epoch": integer(minimum=1),
+        "batch_size": integer(minimum=1),
+        "lr": number(0, open_low=True),
+        "lr_schedule": choice(LR_SCHEDULES),
+        "weight_decay": number(0),
+        "channels": list_of(integer(minimum=1), min_len=3),
+        "hidden": integer(minimum=1),
+        "augment": AUGMENT,
+    },
+    "vae_svm": {
+        "dataset": choice(tuple(DATASET_CLASSES)),
+        "latent": integer(minimum=1),
+        "hidden": list_of(integer(minimum=1), min_len=1),
+        "epochs": integer(minimum=1),
+        "batch_size": integer(minimum=1),
+        "lr": number(0, open_low=True),
+        "lr_schedule": choice(LR_SCHEDULES),
+        "kl_warmup_epochs": number(0),
+        "pool_size": integer(minimum=0),
+        "standardize": boolean,
+        "svm_c": list_of(number(0, open_low=True), min_len=1, unique=True),
+        "svm_gamma": list_of(number(0, open_low=True), min_len=1, unique=True),
+        "cv_folds": integer(minimum=2),
+    },
     "evaluate": {
         "models": list_of(choice(tuple(MODEL_PRODUCERS)), min_len=1, unique=True),
         "batch_size": integer(minimum=1),
         "test_size": integer(minimum=0),
+        "robustness": {
+            "noise_std": number(0),
+            "rotate_deg": number(0, 180),
+            "blur_sigma": number(0, open_low=True),
+        },
+    },
+    "attention": {
+        # Gradients need a torch model: not the VAE + SVM ones.
+        "models": list_of(
+            choice(tuple(m for m in MODEL_PRODUCERS if not m.startswith("vae_svm@"))),
+            min_len=1,
+            unique=True,
+        ),
+        "methods": list_of(choice(ATTENTION_METHODS), min_len=1, unique=True),
+        "n_per_class": integer(minimum=1),
     },
 }
 
@@ -220,10 +306,21 @@ def _check_budgets(params: dict[str, Any]) -> None:
     check_budget("split.val_size", params["split"]["val_size"], n_classes, allow_zero=True)
 
 
+def _check_combinations(params: dict[str, Any]) -> None:
+    """Rules that tie two keys together."""
+    consistency = params["train_consistency"]
+    if consistency["teacher"] == "ema" and consistency["ema_decay"] == 0:
+        raise PipelineError(
+            "params.yaml: train_consistency.teacher is ema but ema_decay is 0 (no moving "
+            "average to teach with); set ema_decay > 0 (e.g. 0.99) or teacher: student"
+        )
+
+
 def validate_params(params: Any) -> dict[str, Any]:
     """Check every key of params.yaml; raise PipelineError naming the first bad one."""
     _validate(params, SCHEMA)
     _check_budgets(params)
+    _check_combinations(params)
     return params
 
 

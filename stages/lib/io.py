@@ -56,6 +56,13 @@ def write_text(path: Path | str, text: str) -> None:
         handle.write(text)
 
 
+def save_figure(path: Path | str, fig: Any) -> None:
+    """Write a matplotlib figure atomically, in the format its suffix names (.png, .svg)."""
+    path = Path(path)
+    with atomic_open(path) as handle:
+        fig.savefig(handle, format=path.suffix.lstrip("."))
+
+
 def save_arrays(path: Path | str, **arrays: np.ndarray) -> None:
     with atomic_open(path) as handle:
         np.savez(handle, **arrays)

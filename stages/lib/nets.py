@@ -95,10 +95,51 @@ class CS229CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class WaterlooCNN(nn.Module):
+    """The Waterloo report's CNN: 3 x (3x3 valid conv + ReLU), max-pools after the first two,
+    then Linear(576 -> hidden) + ReLU and a linear classifier.
+
+    `features` (the flattened 64x3x3 conv output) is what the cluster loss pulls towards
+    class centroids and what feature extraction reads; `forward` returns logits only, like
+    every model here, so evaluation code needs no special case.
+    """
+
+    def __init__(
+        self,
+        n_classes: int = 10,
+        channels: list[int] = (32, 64, 64),
+        hidden: int = 300,
+        batch_norm: bool = False,
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels, side = 1, image_size
+        for i, out_channels in enumerate(channels):
+            layers.append(nn.Conv2d(in_channels, out_channels, 3))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.ReLU(inplace=True))
+            in_channels, side = out_channels, side - 2
+            if i < len(channels) - 1:
+                layers.append(nn.MaxPool2d(2))
+                side //= 2
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.classifier = nn.Sequential(
+            nn.Linear(in_channels * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, n_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "baseline_cnn": BaselineCNN,
     "mlp": MLP,
     "cs229_cnn": CS229CNN,
+    "waterloo_cnn": WaterlooCNN,
 }
 
 

@@ -13,7 +13,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .io import load_training_state, save_training_state
+import torch
+from torch import nn
+
+from .io import load_training_state, run_fingerprint, save_checkpoint, save_training_state
 from .train import TrainResult, live_epoch_logger, open_live
 
 
@@ -40,3 +43,38 @@ def fit_resumable(
     rate = result.images_seen / max(result.seconds, 1e-9)
     print(f"{len(result.history)} epochs; this run {result.seconds:.1f}s, {rate:.0f} images/s")
     return result
+
+
+def fit_and_save(
+    train: Callable[..., TrainResult],
+    *,
+    model: nn.Module,
+    model_path: Path,
+    arch: str,
+    arch_config: dict[str, Any],
+    meta: dict[str, Any],
+    run_config: dict[str, Any],
+    data: list[torch.Tensor],
+    code_file: Path | str,
+    live_dir: Path,
+    live_params: dict[str, Any],
+) -> TrainResult:
+    """What every trainer stage does around its trainer call: resume from the checkpoint
+    beside `model_path` if it belongs to this run (same `run_config`, `data` and code),
+    log to `live_dir`, and save the best-on-validation weights (the last epoch's when there
+    is no validation set) as a self-describing checkpoint with `meta`.
+    """
+
+    def save_final(result: TrainResult) -> None:
+        model.load_state_dict(result.best_state)
+        final_meta = {**meta, "best_epoch": result.best_epoch}
+        save_checkpoint(model_path, model, arch, arch_config, final_meta)
+
+    return fit_resumable(
+        train,
+        checkpoint=model_path.with_name("checkpoint.pt"),
+        fingerprint=run_fingerprint(run_config, data, code_files=[code_file]),
+        live_dir=live_dir,
+        live_params=live_params,
+        save_final=save_final,
+    )

@@ -70,6 +70,129 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
         )
 
 
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float, schedule: str, progress: float) -> None:
+    """`cosine` decays from `lr` to 0; a function of the step alone, so resuming is exact."""
+    if schedule == "cosine":
+        for group in optimizer.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Average every floating-point tensor of the state, batch-norm statistics included
+    (copying the statistics instead measured 3 points worse for the consistency CNN)."""
+    for avg, new in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        if avg.dtype.is_floating_point:
+            avg.mul_(decay).add_(new, alpha=1 - decay)
+        else:
+            avg.copy_(new)
+
+
+StepFn = Callable[[int, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+def fit_steps(
+    model: nn.Module,
+    step_loss: StepFn,
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    generator: torch.Generator,
+    images_per_step: int,
+    lr_schedule: str = "constant",
+    ema_decay: float = 0.0,
+    ema: nn.Module | None = None,
+    x_val: torch.Tensor | None = None,
+    y_val: torch.Tensor | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    on_epoch: EpochCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    resume: dict[str, Any] | None = None,
+) -> TrainResult:
+    """The loop every trainer shares: Adam steps, LR schedule, EMA, validation, checkpoints.
+
+    `step_loss(epoch, step)` draws its own batch and returns the loss to minimise and a dict
+    of per-step statistics (averaged over the epoch for logging). With `ema_decay` > 0 an
+    exponential moving average of the weights is kept (in `ema`, a copy of `model`, when
+    the caller needs it as a teacher), and it is the model that is validated and returned;
+    the raw weights only train. With a validation set the best
+    epoch by validation accuracy is kept; the test set never enters here.
+    """
+    # channels_last: PyTorch's CPU convolutions run about 1.5-2x faster in this layout
+    # (training the Waterloo CNN on one core: 1,080 -> 2,010 images/s); neutral on CUDA.
+    model.to(device, memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if ema is None and ema_decay > 0:
+        ema = copy.deepcopy(model)
+    if ema is not None:
+        ema.to(device, memory_format=torch.channels_last).eval()
+    scored = ema if ema is not None else model
+    best_acc, best_epoch, best_state = -1.0, epochs, None
+    history: list[dict[str, float]] = []
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        set_rng_state(generator, resume["rng"])
+        history = list(resume["history"])
+        best_acc, best_epoch, best_state = resume["best"]
+        first_epoch = resume["epoch"] + 1
+    total_steps = epochs * steps_per_epoch
+    start = time.perf_counter()
+    for epoch in range(first_epoch, epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        sums: dict[str, float] = {}
+        for step in range(1, steps_per_epoch + 1):
+            progress = ((epoch - 1) * steps_per_epoch + step - 1) / total_steps
+            _set_lr(optimizer, lr, lr_schedule, progress)
+            loss, step_stats = step_loss(epoch, step)
+            check_finite(loss, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if ema is not None:
+                _ema_update(ema, model, ema_decay)
+            for name, value in step_stats.items():
+                sums[name] = sums.get(name, 0.0) + value
+        stats = {"epoch": float(epoch), **{k: v / steps_per_epoch for k, v in sums.items()}}
+        if x_val is not None and y_val is not None and len(x_val):
+            val = classification_metrics(predict_logits(scored, x_val, 1000, device), y_val)
+            stats["val/accuracy"], stats["val/loss"] = val["accuracy"], val["loss"]
+            if val["accuracy"] > best_acc:
+                best_acc, best_epoch, best_state = val["accuracy"], epoch, _state_copy(scored)
+        history.append(stats)
+        if on_checkpoint is not None:
+            state = {
+                "epoch": epoch,
+                "model": _state_copy(model),
+                # Copies: the optimizer's tensors and the history change in place later.
+                "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "rng": rng_state(generator),
+                "history": list(history),
+                "best": (best_acc, best_epoch, best_state),
+            }
+            if ema is not None:
+                state["ema"] = _state_copy(ema)
+            on_checkpoint(state)
+        if on_epoch is not None:
+            on_epoch(stats)
+    last_state = _state_copy(scored)
+    return TrainResult(
+        best_state=best_state if best_state is not None else last_state,
+        last_state=last_state,
+        best_epoch=best_epoch,
+        history=history,
+        seconds=time.perf_counter() - start,
+        images_seen=(epochs - first_epoch + 1) * steps_per_epoch * images_per_step,
+    )
+
+
 def train_classifier(
     model: nn.Module,
     x_labeled: torch.Tensor,
@@ -94,76 +217,33 @@ def train_classifier(
 
     Each step draws `batch_size` labeled images with replacement (so a 100-image budget and
     a 6000-image budget run the same number of steps), augments them on `device`, and takes
-    an Adam step on the cross-entropy. With a validation set the best epoch by validation
-    accuracy is kept; the test set never enters here. `lr_schedule="cosine"` decays the
-    learning rate from `lr` to 0 over all steps; it is a function of the step alone, so a
-    resumed run follows the same schedule.
+    an Adam step on the cross-entropy.
     """
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
-    n = len(x_labeled)
-    best_acc, best_epoch, best_state = -1.0, epochs, None
-    history: list[dict[str, float]] = []
-    first_epoch = 1
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        set_rng_state(generator, resume["rng"])
-        history = list(resume["history"])
-        best_acc, best_epoch, best_state = resume["best"]
-        first_epoch = resume["epoch"] + 1
-    start = time.perf_counter()
-    for epoch in range(first_epoch, epochs + 1):
-        loss_sum = correct = 0.0
-        for step in range(1, steps_per_epoch + 1):
-            if lr_schedule == "cosine":
-                progress = ((epoch - 1) * steps_per_epoch + step - 1) / (epochs * steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * progress))
-            idx = torch.randint(n, (batch_size,), generator=generator).to(device)
-            xb = random_affine(to_input(x_labeled[idx]), **augment, generator=generator)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, y_labeled[idx])
-            check_finite(loss, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item()
-            correct += (logits.argmax(1) == y_labeled[idx]).sum().item()
-        stats = {
-            "epoch": float(epoch),
-            "train/loss": loss_sum / steps_per_epoch,
-            "train/accuracy": correct / (steps_per_epoch * batch_size),
-        }
-        if x_val is not None and y_val is not None and len(x_val):
-            val = classification_metrics(predict_logits(model, x_val, 1000, device), y_val)
-            stats["val/accuracy"], stats["val/loss"] = val["accuracy"], val["loss"]
-            if val["accuracy"] > best_acc:
-                best_acc, best_epoch, best_state = val["accuracy"], epoch, _state_copy(model)
-        history.append(stats)
-        if on_checkpoint is not None:
-            on_checkpoint(
-                {
-                    "epoch": epoch,
-                    "model": _state_copy(model),
-                    # Copies: the optimizer's tensors and the history change in place later.
-                    "optimizer": copy.deepcopy(optimizer.state_dict()),
-                    "rng": rng_state(generator),
-                    "history": list(history),
-                    "best": (best_acc, best_epoch, best_state),
-                }
-            )
-        if on_epoch is not None:
-            on_epoch(stats)
-    last_state = _state_copy(model)
-    return TrainResult(
-        best_state=best_state if best_state is not None else last_state,
-        last_state=last_state,
-        best_epoch=best_epoch,
-        history=history,
-        seconds=time.perf_counter() - start,
-        images_seen=(epochs - first_epoch + 1) * steps_per_epoch * batch_size,
+
+    def step_loss(epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
+        logits = model(random_affine(to_input(x_labeled[idx]), **augment, generator=generator))
+        loss = F.cross_entropy(logits, y_labeled[idx])
+        accuracy = (logits.argmax(1) == y_labeled[idx]).float().mean().item()
+        return loss, {"train/loss": loss.item(), "train/accuracy": accuracy}
+
+    return fit_steps(
+        model,
+        step_loss,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr=lr,
+        weight_decay=weight_decay,
+        device=device,
+        generator=generator,
+        images_per_step=batch_size,
+        lr_schedule=lr_schedule,
+        x_val=x_val,
+        y_val=y_val,
+        on_epoch=on_epoch,
+        on_checkpoint=on_checkpoint,
+        resume=resume,
     )
 
 

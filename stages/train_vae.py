@@ -1,0 +1,116 @@
+"""Stage train_vae: the M1 VAE (Kingma et al.) on every training image of vae_svm.dataset.
+
+No labels enter here: the VAE learns from the images alone, and `vae_svm@<labels>` then
+fits an SVM on the latent means of each labeled set. Resumable like train_baseline
+(models/vae/checkpoint.pt after every epoch). Also draws plots/vae/reconstructions.png
+and plots/vae/latent_pca.png (latent means of training images, coloured by class: a
+picture only, no model is fitted to those labels).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: figures go straight to files
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .lib.config import load_params, resolve_device, run_stage, seed_everything
+from .lib.data import class_balanced_split, to_input
+from .lib.io import save_figure
+from .lib.paths import METRICS_DIR, PLOTS_DIR, load_raw, model_file
+from .lib.resume import fit_and_save
+from .lib.vae import VAE, encode_means, train_vae
+
+VAE_KEYS = ("latent", "hidden", "epochs", "batch_size", "lr", "lr_schedule", "kl_warmup_epochs")
+N_SHOWN = 12  # images in the reconstruction plot
+N_PROJECTED = 5000  # training images in the latent plot
+
+
+def training_pool(y_train: torch.Tensor, seed: int, pool_size: int) -> torch.Tensor:
+    """Indices of the training images to use: all, or a seeded subset of `pool_size`.
+
+    The subset `class_balanced_split` draws for the same seed (its labeled and unlabeled
+    sets together), so the labeled sets of vae_svm@<labels> lie inside it.
+    """
+    n_classes = len(torch.unique(y_train))
+    split = class_balanced_split(y_train.numpy(), n_classes, 0, seed, pool_size)
+    return torch.from_numpy(np.sort(np.concatenate(list(split.values()))))
+
+
+def plot_reconstructions(model: VAE, images: torch.Tensor) -> plt.Figure:
+    with torch.no_grad():
+        x = to_input(images)
+        recon = torch.sigmoid(model.decode(model.encode(x)[0]))
+    fig, axes = plt.subplots(2, len(images), figsize=(len(images), 2.3))
+    for col, (original, decoded) in enumerate(zip(x, recon, strict=True)):
+        for row, picture in enumerate((original, decoded)):
+            axes[row, col].imshow(picture[0], cmap="gray", vmin=0, vmax=1)
+            axes[row, col].axis("off")
+    fig.suptitle("training images (top) and reconstructions from the latent mean (bottom)")
+    return fig
+
+
+def plot_latent_pca(means: torch.Tensor, labels: torch.Tensor) -> plt.Figure:
+    centred = means - means.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    xy = (centred @ v[:2].T).numpy()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=labels.numpy(), cmap="tab10", s=3, alpha=0.6)
+    ax.legend(*scatter.legend_elements(), title="class", fontsize=7, loc="best")
+    ax.set(xlabel="PC 1", ylabel="PC 2", title="VAE latent means, first two principal axes")
+    return fig
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params["vae_svm"]
+    device = resolve_device(params["device"])
+    generator = seed_everything(params["seed"])
+
+    data = load_raw(cfg["dataset"])
+    pool = training_pool(data["y_train"], params["seed"], cfg["pool_size"])
+    arch_config = {"latent": cfg["latent"], "hidden": cfg["hidden"]}
+    model = VAE(**arch_config)
+    vae_cfg = {key: cfg[key] for key in VAE_KEYS}
+    fit_and_save(
+        partial(
+            train_vae,
+            model,
+            data["x_train"][pool],
+            epochs=cfg["epochs"],
+            batch_size=cfg["batch_size"],
+            lr=cfg["lr"],
+            lr_schedule=cfg["lr_schedule"],
+            kl_warmup_epochs=cfg["kl_warmup_epochs"],
+            device=device,
+            generator=generator,
+        ),
+        model=model,
+        model_path=model_file("vae"),
+        arch="vae",
+        arch_config=arch_config,
+        meta={"dataset": cfg["dataset"], "n_images": len(pool), "epochs": cfg["epochs"]},
+        run_config={"train": vae_cfg, "seed": params["seed"], "dataset": cfg["dataset"]},
+        data=[pool],
+        code_file=__file__,
+        live_dir=METRICS_DIR / "train_vae",
+        live_params={**vae_cfg, "dataset": cfg["dataset"]},
+    )
+
+    model.cpu().eval()
+    x_train, y_train = data["x_train"], data["y_train"]
+    figure = plot_reconstructions(model, x_train[pool[:N_SHOWN]])
+    save_figure(PLOTS_DIR / "vae" / "reconstructions.png", figure)
+    # The pool is in index order, and the training set in no particular class order.
+    projected = pool[:N_PROJECTED]
+    means = encode_means(model, x_train[projected], 1000, torch.device("cpu"))
+    save_figure(PLOTS_DIR / "vae" / "latent_pca.png", plot_latent_pca(means, y_train[projected]))
+    print(f"vae: {len(pool)} unlabeled {cfg['dataset']} images on {device}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,182 @@
+"""The consistency trainer's losses, augmentation and training loop (stages/lib/semi.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stages.lib.data import NO_AUGMENT, to_input
+from stages.lib.nets import build_model
+from stages.lib.semi import (
+    class_centroids,
+    cluster_loss,
+    consistency_loss,
+    entropy_loss,
+    pseudo_label_loss,
+    random_cutout,
+    train_consistency,
+)
+from stages.lib.train import TrainingDiverged
+from tests.conftest import AUGMENT, synthetic_digits
+
+
+def test_waterloo_cnn_has_576_features_and_ten_logits():
+    model = build_model("waterloo_cnn")
+    x = to_input(synthetic_digits(3)[0])
+    assert model.features(x).shape == (3, 576)
+    assert model(x).shape == (3, 10)
+
+
+def test_cluster_loss_is_the_mean_distance_to_the_nearest_centroid():
+    centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    features = torch.tensor([[3.0, 4.0], [10.0, 1.0]], requires_grad=True)
+    loss = cluster_loss(features, centroids)
+    assert loss.item() == pytest.approx((5.0 + 1.0) / 2)
+    loss.backward()
+    # The gradient pulls each point straight towards its own centroid.
+    assert torch.allclose(features.grad, torch.tensor([[0.3, 0.4], [0.0, 0.5]]))
+
+
+def test_consistency_loss_is_zero_for_equal_predictions_and_pulls_both_views():
+    logits = torch.randn(4, 10)
+    assert consistency_loss(logits, logits.clone()).item() == 0.0
+    a = torch.randn(4, 10, requires_grad=True)
+    b = torch.randn(4, 10, requires_grad=True)
+    consistency_loss(a, b).backward()
+    assert a.grad.abs().sum() > 0 and b.grad.abs().sum() > 0
+
+
+def test_entropy_loss_is_the_entropy_and_descending_it_sharpens_predictions():
+    assert entropy_loss(torch.zeros(2, 10)).item() == pytest.approx(math.log(10))
+    assert entropy_loss(torch.tensor([[50.0, 0.0, 0.0]])).item() == pytest.approx(0, abs=1e-6)
+    # The sign the report got wrong: a gradient step must make predictions more confident.
+    logits = torch.tensor([[1.0, 0.5, 0.0]], requires_grad=True)
+    entropy_loss(logits).backward()
+    stepped = logits - 0.5 * logits.grad
+    assert stepped.softmax(1).max() > logits.softmax(1).max()
+
+
+def test_pseudo_label_loss_uses_only_confident_weak_predictions_as_fixed_targets():
+    weak = torch.tensor([[10.0, 0.0], [0.1, 0.0]], requires_grad=True)  # confident, unsure
+    strong = torch.tensor([[0.0, 0.0], [0.0, 5.0]], requires_grad=True)
+    loss, confident = pseudo_label_loss(weak, strong, threshold=0.95)
+    assert confident.item() == 0.5
+    # Only the first image counts: CE of uniform logits against class 0, over a batch of 2.
+    assert loss.item() == pytest.approx(math.log(2) / 2)
+    loss.backward()
+    assert weak.grad is None or weak.grad.abs().sum() == 0
+    assert strong.grad[1].abs().sum() == 0 and strong.grad[0].abs().sum() > 0
+
+
+def test_random_cutout_zeroes_one_square_per_image_and_is_seeded():
+    x = torch.ones(64, 1, 28, 28)
+    out = random_cutout(x, 10, torch.Generator().manual_seed(0))
+    zeros = (out == 0).sum(dim=(1, 2, 3))
+    assert zeros.max() == 100 and zeros.min() > 0  # full square inside, clipped at edges
+    assert len(set(zeros.tolist())) > 1  # squares land in different places
+    again = random_cutout(x, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert torch.equal(random_cutout(x, 0, torch.Generator()), x)
+
+
+def test_class_centroids_are_per_class_feature_means():
+    model = build_model("waterloo_cnn", channels=[4, 8, 8], hidden=16)
+    x, y = synthetic_digits(20)
+    centroids = class_centroids(model, x, y, n_classes=10, batch_size=7)
+    feats = model.features(to_input(x))
+    assert centroids.shape == (10, feats.shape[1])
+    assert torch.allclose(centroids[3], feats[y == 3].mean(0), atol=1e-6)
+
+
+WEIGHTS = {"cluster": 0.1, "consistency": 0.5, "entropy": 0.05, "pseudo_label": 1.0}
+
+
+def _train(seed: int = 0, *, weights=WEIGHTS, epochs: int = 3, ema_decay=0.9, model=None, **kw):
+    torch.manual_seed(seed)
+    model = model or build_model("waterloo_cnn", channels=[8, 16, 16], hidden=32)
+    x, y = synthetic_digits(20)
+    x_unlabeled, _ = synthetic_digits(60, seed=2)
+    x_val, y_val = synthetic_digits(20, seed=1)
+    result = train_consistency(
+        model, x, y, x_unlabeled,
+        epochs=epochs, steps_per_epoch=6, batch_size=8, unlabeled_ratio=2, lr=0.003,
+        lr_schedule="cosine", weight_decay=0.0, weights=weights, threshold=0.5,
+        weak_augment=AUGMENT, strong_augment=AUGMENT, cutout=6, ema_decay=ema_decay,
+        device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed),
+        x_val=x_val, y_val=y_val, **kw,
+    )  # fmt: skip
+    return model, result
+
+
+def test_training_lowers_the_supervised_loss_and_logs_every_active_loss():
+    _, result = _train(epochs=4)
+    first, last = result.history[0], result.history[-1]
+    assert last["train/ce"] < first["train/ce"]
+    for name in ("cluster", "consistency", "entropy", "pseudo_label", "confident_fraction"):
+        assert f"train/{name}" in last
+    # 8 labeled + 2 x 16 unlabeled views per step.
+    assert result.images_seen == 4 * 6 * (8 + 2 * 16)
+
+
+def test_a_zero_weight_switches_its_loss_off():
+    off = {**WEIGHTS, "cluster": 0.0, "entropy": 0.0}
+    _, result = _train(weights=off, epochs=1)
+    assert "train/cluster" not in result.history[0] and "train/entropy" not in result.history[0]
+    assert "train/consistency" in result.history[0]
+
+
+def test_ema_weights_are_what_is_returned_and_differ_from_the_trained_ones():
+    model, result = _train(epochs=2)
+    trained = model.state_dict()
+    assert any(not torch.equal(result.last_state[k], trained[k]) for k in trained)
+    model, plain = _train(epochs=2, ema_decay=0.0)
+    assert all(torch.equal(plain.last_state[k], v) for k, v in model.state_dict().items())
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("weights", [WEIGHTS, {**WEIGHTS, "cluster": 0, "consistency": 0,
+                                                 "entropy": 0}])  # fmt: skip
+def test_training_is_deterministic_and_resumes_exactly(weights):
+    _, reference = _train(seed=1, weights=weights)
+    saved = []
+
+    def stop_after_epoch_1(stats):
+        if stats["epoch"] == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _train(seed=1, weights=weights, on_checkpoint=saved.append, on_epoch=stop_after_epoch_1)
+    assert "ema" in saved[-1]
+    _, resumed = _train(seed=7, weights=weights, resume=saved[-1])
+    assert resumed.history == reference.history
+    for key, value in reference.last_state.items():
+        assert torch.equal(resumed.last_state[key], value)
+
+
+def test_a_nan_loss_stops_training_with_a_message():
+    model = build_model("waterloo_cnn", channels=[8, 16, 16], hidden=32)
+    with torch.no_grad():
+        model.classifier[-1].bias.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1, step 1"):
+        _train(model=model, epochs=1)
+
+
+def test_no_augmentation_and_no_cutout_leave_the_weak_and_strong_views_equal():
+    # With identical views the consistency loss is exactly zero throughout.
+    torch.manual_seed(0)
+    model = build_model("waterloo_cnn", channels=[8, 16, 16], hidden=32)
+    x, y = synthetic_digits(20)
+    result = train_consistency(
+        model, x, y, synthetic_digits(40, seed=3)[0],
+        epochs=1, steps_per_epoch=3, batch_size=4, unlabeled_ratio=2, lr=0.001,
+        lr_schedule="constant", weight_decay=0.0,
+        weights={"cluster": 0, "consistency": 1.0, "entropy": 0, "pseudo_label": 0},
+        threshold=0.95, weak_augment=NO_AUGMENT, strong_augment=NO_AUGMENT, cutout=0,
+        ema_decay=0.0, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert result.history[0]["train/consistency"] == 0.0
