@@ -153,6 +153,16 @@ AUGMENT = {
     "scale": number(0, 0.5),
 }
 
+# The keys every step-based supervised or semi-supervised trainer shares.
+TRAINING = {
+    "epochs": integer(minimum=1),
+    "steps_per_epoch": integer(minimum=1),
+    "batch_size": integer(minimum=1),
+    "lr": number(0, open_low=True),
+    "lr_schedule": choice(LR_SCHEDULES),
+    "weight_decay": number(0),
+}
+
 SCHEMA: dict[str, Any] = {
     "seed": integer(minimum=0),
     "labels": integer(),  # budget rules need the class count: see _check_budget
@@ -168,12 +178,7 @@ SCHEMA: dict[str, Any] = {
         "pool_size": integer(minimum=0),
     },
     "train_baseline": {
-        "epochs": integer(minimum=1),
-        "steps_per_epoch": integer(minimum=1),
-        "batch_size": integer(minimum=1),
-        "lr": number(0, open_low=True),
-        "lr_schedule": choice(LR_SCHEDULES),
-        "weight_decay": number(0),
+        **TRAINING,
         "channels": list_of(integer(minimum=1), min_len=2),
         "hidden": integer(minimum=1),
         "dropout": number(0, 1),
@@ -188,13 +193,8 @@ SCHEMA: dict[str, Any] = {
         "models": {name: {"epochs": integer(minimum=1), "augment": boolean} for name in CEILINGS},
     },
     "train_consistency": {
-        "epochs": integer(minimum=1),
-        "steps_per_epoch": integer(minimum=1),
-        "batch_size": integer(minimum=1),
+        **TRAINING,
         "unlabeled_ratio": integer(minimum=1),
-        "lr": number(0, open_low=True),
-        "lr_schedule": choice(LR_SCHEDULES),
-        "weight_decay": number(0),
         "channels": list_of(integer(minimum=1), min_len=3),
         "hidden": integer(minimum=1),
         "batch_norm": boolean,
@@ -224,12 +224,7 @@ SCHEMA: dict[str, Any] = {
     },
     "retrain": {
         "min_confidence": number(0, 1),
-        "epochs": integer(minimum=1),
-        "steps_per_epoch": integer(minimum=1),
-        "batch_size": integer(minimum=1),
-        "lr": number(0, open_low=True),
-        "lr_schedule": choice(LR_SCHEDULES),
-        "weight_decay": number(0),
+        **TRAINING,
         "channels": list_of(integer(minimum=1), min_len=3),
         "hidden": integer(minimum=1),
         "augment": AUGMENT,

@@ -250,6 +250,15 @@ def random_affine(
     angle = u[:, 0] * math.radians(rotate_deg)
     zoom = 1 + u[:, 1] * scale
     shift = u[:, 2:] * (2 * translate)  # affine_grid coordinates span [-1, 1]
+    return affine_transform(x, angle, zoom, shift)
+
+
+def affine_transform(
+    x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """Rotate (radians), zoom and shift (affine_grid units, (N, 2)) each image of a float
+    batch (N, C, H, W) by its own amounts, in one `grid_sample` call."""
+    angle, zoom, shift = angle.to(x.device), zoom.to(x.device), shift.to(x.device)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1

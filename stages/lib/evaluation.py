@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,19 +13,40 @@ from torch import nn
 from .data import to_input
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put `model` in eval mode (dropout off, batch-norm statistics frozen), then restore."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
+def map_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """`fn` of uint8 images (N, H, W), `batch_size` at a time on `device`, concatenated there
+    (as float32): the one inference loop behind logits, features and latent means."""
+    return torch.cat(
+        [
+            fn(to_input(images[i : i + batch_size].to(device))).float()
+            for i in range(0, len(images), batch_size)
+        ]
+    )
+
+
 def predict_logits(
     model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     """Logits of `model` for uint8 images (N, H, W), computed in eval mode, returned on CPU."""
-    was_training = model.training
-    model.eval()
-    outputs = [
-        model(to_input(images[i : i + batch_size].to(device))).float().cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(outputs)
+    with eval_mode(model):
+        return map_batches(model, images, batch_size, device).cpu()
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 
 from .config import PSEUDO_LABEL_RULES, PipelineError
-from .data import to_input
+from .data import affine_transform, to_input
+from .evaluation import eval_mode, map_batches
 
 
 def embedding_network(model: nn.Module, layer: str) -> nn.Module:
@@ -31,18 +32,12 @@ def embedding_network(model: nn.Module, layer: str) -> nn.Module:
     return nn.Sequential(model.features, *list(model.classifier)[:-1])
 
 
-@torch.no_grad()
 def extract_features(
     network: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     """Feature vectors (N, D) float32 on CPU of uint8 images (N, H, W), in eval mode."""
-    network.to(device).eval()
-    return torch.cat(
-        [
-            network(to_input(images[i : i + batch_size].to(device))).float().cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
+    with eval_mode(network.to(device)):
+        return map_batches(network, images, batch_size, device).cpu()
 
 
 def _margin_confidence(distances: np.ndarray, cluster: np.ndarray, names: np.ndarray) -> np.ndarray:
@@ -135,11 +130,12 @@ def robustness_sets(
     noisy = x + noise_std * torch.randn(x.shape, generator=generator)
 
     sign = torch.where(torch.arange(len(x)) % 2 == 0, 1.0, -1.0)
-    angle = sign * math.radians(rotate_deg)
-    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros(len(x))
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    rotated = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    rotated = affine_transform(
+        x,
+        angle=sign * math.radians(rotate_deg),
+        zoom=torch.ones(len(x)),
+        shift=torch.zeros(len(x), 2),
+    )
 
     kernel = _gaussian_kernel(blur_sigma)
     pad = len(kernel) // 2

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import random_affine, to_input
+from .evaluation import map_batches
 from .train import CheckpointCallback, EpochCallback, TrainResult, fit_steps
 
 
@@ -72,14 +73,11 @@ def random_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> tor
     return x.masked_fill(inside.unsqueeze(1), 0.0)
 
 
-@torch.no_grad()
 def class_centroids(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int, batch_size: int = 1000
 ) -> torch.Tensor:
     """Mean feature vector (`model.features`) of the labeled images of each class."""
-    feats = torch.cat(
-        [model.features(to_input(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
-    )
+    feats = map_batches(model.features, x, batch_size, x.device)
     sums = torch.zeros(n_classes, feats.shape[1], device=feats.device).index_add_(0, y, feats)
     return sums / torch.bincount(y, minlength=n_classes).clamp(min=1).unsqueeze(1).to(feats)
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import to_input
+from .evaluation import eval_mode, map_batches
 from .nets import ARCHITECTURES
 from .train import CheckpointCallback, EpochCallback, TrainResult, fit_steps
 
@@ -153,14 +154,7 @@ def train_vae(
     )
 
 
-@torch.no_grad()
 def encode_means(model: VAE, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
     """Latent means of uint8 images (N, H, W), on CPU: the features the SVM sees."""
-    was_training = model.training
-    model.eval()
-    means = [
-        model.encode(to_input(images[i : i + batch_size].to(device)))[0].cpu()
-        for i in range(0, len(images), batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(means)
+    with eval_mode(model):
+        return map_batches(lambda x: model.encode(x)[0], images, batch_size, device).cpu()
