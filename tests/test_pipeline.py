@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,13 +20,20 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.lib.bench import NOT_COPIED, subprocess_env
 from tests.conftest import REPO_ROOT
 
 CEILING_STAGES = tuple(f"train_ceilings@{n}" for n in ("linear", "fc256", "cnn4", "cnn5"))
 ATTENTION_MODELS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["attention"]["models"]
 ATTENTION_STAGES = tuple(f"attention@{m}" for m in ATTENTION_MODELS)
 # Stages downstream of `split` (besides train_baseline): a labels change re-runs them.
-SEMI_SUPERVISED_STAGES = ("train_consistency", "extract_features", "pseudo_label", "retrain")
+SEMI_SUPERVISED_STAGES = (
+    "train_sgan",
+    "train_consistency",
+    "extract_features",
+    "pseudo_label",
+    "retrain",
+)
 VAE_SVM_STAGES = tuple(f"vae_svm@{n}" for n in (100, 600, 1000, 3000))
 STAGES = (
     "download",
@@ -38,38 +44,15 @@ STAGES = (
     "train_vae",
     *VAE_SVM_STAGES,
     "evaluate",
+    "check_generated",
     *ATTENTION_STAGES,
 )
 OUTPUTS = ("models/baseline/model.pt", "metrics/train_baseline/metrics.json")
 CHECKPOINT = "models/baseline/checkpoint.pt"
-# Built outputs and local state that a fresh clone would not have.
-NOT_COPIED = shutil.ignore_patterns(
-    ".git",
-    ".venv",
-    "venv",
-    "__pycache__",
-    ".pytest_cache",
-    ".ruff_cache",
-    "dvc_plots",
-    "cache",
-    "tmp",
-    "raw",
-    "split",
-    "features",
-    "pseudo",
-    "models",
-)
-
-
-def stage_env() -> dict[str, str]:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1")
-    # Stage commands call `python`: make it this interpreter, whatever PATH says.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = stage_env()
+    env = subprocess_env()
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -126,8 +109,22 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     for name in ("reconstructions", "latent_pca"):
         assert (repo / f"plots/vae/{name}.png").read_bytes()[:4] == b"\x89PNG"
     # Semi-supervised chain: consistency CNN -> features -> k-means pseudo-labels -> retrain.
-    for name in ("consistency", "retrain"):
+    for name in ("consistency", "retrain", "sgan", "sgan_last"):
         assert evaluated[name]["labels_used"] == 100
+    # SGAN: both networks (best and last epoch), one generated grid per epoch, and the
+    # ceiling's verdict on a fixed batch of generated digits.
+    for part in ("discriminator", "generator", "discriminator_last", "generator_last"):
+        assert (repo / f"models/sgan/{part}.pt").is_file()
+    for name in (
+        "metrics/train_sgan/plots/images/generated/1.png",
+        "plots/sgan/generated.png",
+        "metrics/train_sgan/plots/images/generated/2.png",
+        "plots/generated_classes.png",
+    ):
+        assert (repo / name).read_bytes()[:4] == b"\x89PNG"
+    generated = json.loads((repo / "metrics/check_generated.json").read_text())
+    assert sum(generated["class_counts"].values()) == generated["n_samples"] == 1000
+    assert 1 <= generated["classes_covered"] <= 10
     pseudo = json.loads((repo / "metrics/pseudo_label.json").read_text())
     assert pseudo["n_pseudo_labeled"] == 3000 - 100  # the smoke pool minus the labeled set
     assert 0 <= pseudo["hidden_label_accuracy"] <= 1
@@ -191,6 +188,7 @@ def test_exp_run_with_250_labels_reruns_split_and_downstream_only(repo, first_re
         "train_baseline",
         *SEMI_SUPERVISED_STAGES,
         "evaluate",
+        "check_generated",
         *attention,
     }
     split = json.loads((repo / "metrics/split.json").read_text())
@@ -244,7 +242,7 @@ def set_params(repo: Path, section: str, **values) -> None:
 def start_and_kill_after_first_checkpoint(repo: Path) -> None:
     """Start train_baseline, SIGKILL it as soon as a per-epoch checkpoint exists."""
     cmd = [sys.executable, "-m", "stages.train_baseline"]
-    proc = subprocess.Popen(cmd, cwd=repo, env=stage_env(), stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=repo, env=subprocess_env(), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (repo / CHECKPOINT).exists() and proc.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint appeared"

@@ -35,6 +35,8 @@ CEILINGS: dict[str, tuple[str, dict[str, Any]]] = {
 MODEL_PRODUCERS = {
     "baseline": "train_baseline",
     "consistency": "train_consistency",
+    "sgan": "train_sgan",
+    "sgan_last": "train_sgan",
     "retrain": "retrain",
     # The VAE report's label budgets (dvc.yaml's vae_svm matrix runs each of them).
     **{f"vae_svm@{n}": f"vae_svm@{n}" for n in (100, 600, 1000, 3000)},
@@ -147,6 +149,10 @@ PSEUDO_LABEL_RULES = ("knn", "majority", "nearest_centroid")
 # Attention maps the `attention` stage can draw (grad_cam needs a conv layer).
 ATTENTION_METHODS = ("saliency", "grad_cam")
 
+# The SGAN's architectures and its two parameterisations of the "generated" class.
+SGAN_ARCHS = ("conv", "mlp")
+FAKE_LOGITS = ("explicit", "zero")
+
 AUGMENT = {
     "rotate_deg": number(0, 180),
     "translate": number(0, 0.5),
@@ -192,6 +198,40 @@ SCHEMA: dict[str, Any] = {
         "augment": AUGMENT,
         "models": {name: {"epochs": integer(minimum=1), "augment": boolean} for name in CEILINGS},
     },
+    "train_sgan": {
+        "arch": choice(SGAN_ARCHS),
+        "conv": {
+            "discriminator": {
+                "channels": list_of(integer(minimum=1), min_len=1),
+                "hidden": integer(minimum=1),
+            },
+            "generator": {"channels": list_of(integer(minimum=1), min_len=2)},
+        },
+        "mlp": {
+            "discriminator": {"hidden": list_of(integer(minimum=1), min_len=1)},
+            "generator": {"hidden": list_of(integer(minimum=1), min_len=1)},
+        },
+        **{key: rule for key, rule in TRAINING.items() if key != "weight_decay"},
+        "unlabeled_batch_size": integer(minimum=1),
+        "unlabeled_includes_labeled": boolean,
+        "generator_lr": number(0, open_low=True),
+        "beta1": number(0, 1),
+        "unsupervised_weight": number(0),
+        "fake_logit": choice(FAKE_LOGITS),
+        "feature_layer": integer(minimum=-1),
+        "z_size": integer(minimum=1),
+        "input_noise": number(0),
+        "hidden_noise": number(0),
+        "augment": AUGMENT,
+        "augment_unlabeled": boolean,
+        "pseudo_label_weight": number(0),
+        "threshold": number(0, 1),
+        "strong_augment": AUGMENT,
+        "ema_decay": number(0, 1),
+        "patience": integer(minimum=0),
+        "collapse_std": number(0),
+        "grid_size": integer(minimum=1),
+    },
     "train_consistency": {
         **TRAINING,
         "unlabeled_ratio": integer(minimum=1),
@@ -212,7 +252,7 @@ SCHEMA: dict[str, Any] = {
         "cutout": integer(minimum=0),
     },
     "features": {
-        "backbone": choice(("baseline", "consistency")),
+        "backbone": choice(("baseline", "sgan", "consistency")),
         "layer": choice(FEATURE_LAYERS),
         "batch_size": integer(minimum=1),
     },
@@ -253,6 +293,10 @@ SCHEMA: dict[str, Any] = {
             "rotate_deg": number(0, 180),
             "blur_sigma": number(0, open_low=True),
         },
+    },
+    "check_generated": {
+        "classifier": choice(tuple(f"ceiling_{name}" for name in CEILINGS)),
+        "n_samples": integer(minimum=1),
     },
     "attention": {
         # Gradients need a torch model: not the VAE + SVM ones.
@@ -303,6 +347,17 @@ def _check_budgets(params: dict[str, Any]) -> None:
 
 def _check_combinations(params: dict[str, Any]) -> None:
     """Rules that tie two keys together."""
+    sgan = params["train_sgan"]
+    if sgan["feature_layer"] == 0:
+        raise PipelineError(
+            "params.yaml: train_sgan.feature_layer is 0; layers count from 1 (-1 = the last "
+            "hidden layer)"
+        )
+    if sgan["arch"] == "conv" and len(sgan["conv"]["generator"]["channels"]) != 2:
+        raise PipelineError(
+            "params.yaml: train_sgan.conv.generator.channels needs exactly 2 entries (7x7 -> "
+            "14x14 -> 28x28)"
+        )
     consistency = params["train_consistency"]
     if consistency["teacher"] == "ema" and consistency["ema_decay"] == 0:
         raise PipelineError(

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import sgan  # noqa: F401  (registers the SGAN architectures with load_model)
 from .config import MODEL_PRODUCERS, PipelineError
 from .io import load_arrays, load_model
 
@@ -24,8 +25,16 @@ def raw_file(dataset: str) -> Path:
     return RAW_DIR / f"{dataset}.npz"
 
 
+# The SGAN's discriminators (best and last epoch) are its classifiers.
+SGAN_DIR = MODELS_DIR / "sgan"
+CLASSIFIER_FILES = {
+    "sgan": SGAN_DIR / "discriminator.pt",
+    "sgan_last": SGAN_DIR / "discriminator_last.pt",
+}
+
+
 def model_file(name: str) -> Path:
-    return MODELS_DIR / name / "model.pt"
+    return CLASSIFIER_FILES.get(name, MODELS_DIR / name / "model.pt")
 
 
 def svm_file(labels: int) -> Path:

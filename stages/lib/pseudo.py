@@ -23,6 +23,8 @@ def embedding_network(model: nn.Module, layer: str) -> nn.Module:
     last hidden layer, i.e. everything but the final linear layer of `model.classifier`
     (in eval mode, so dropout is off).
     """
+    if hasattr(model, "embedding"):  # e.g. the SGAN discriminator
+        return model.embedding(layer)
     if not hasattr(model, "features") or not hasattr(model, "classifier"):
         raise PipelineError(
             f"{type(model).__name__} has no features/classifier parts to extract features from"

@@ -16,7 +16,7 @@ from torch import nn
 
 from .data import random_affine, to_input
 from .evaluation import map_batches
-from .train import CheckpointCallback, EpochCallback, TrainResult, fit_steps
+from .train import CheckpointCallback, EpochCallback, Step, TrainResult, fit_steps
 
 
 def cluster_loss(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -82,6 +82,100 @@ def class_centroids(
     return sums / torch.bincount(y, minlength=n_classes).clamp(min=1).unsqueeze(1).to(feats)
 
 
+def consistency_step(
+    model: nn.Module,
+    x_labeled: torch.Tensor,
+    y_labeled: torch.Tensor,
+    x_unlabeled: torch.Tensor,
+    *,
+    batch_size: int,
+    unlabeled_ratio: int,
+    weights: dict[str, float],
+    threshold: float,
+    weak_augment: dict[str, float],
+    strong_augment: dict[str, float],
+    cutout: int,
+    generator: torch.Generator,
+    teacher: nn.Module | None = None,
+    centroids: list[torch.Tensor] | None = None,
+) -> Step:
+    """One consistency step: `batch_size` labeled images (weakly augmented) and
+    `unlabeled_ratio * batch_size` unlabeled ones, each in a weak and a strong view (a
+    larger random affine plus cutout); one forward pass over the concatenated batch feeds
+    every loss of non-zero weight (see `train_consistency`).
+
+    Pseudo-labels come from `teacher` (e.g. a moving average of `model`) when given, else
+    from the model itself. `centroids` is a holder whose first item is the current class
+    centroids of the labeled images, kept up to date by the caller; the cluster loss
+    (`weights["cluster"]` > 0) reads it.
+    """
+    device = next(model.parameters()).device
+    x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
+    x_unlabeled = x_unlabeled.to(device)
+    n_unlabeled = unlabeled_ratio * batch_size
+    weak_needs_grad = any(weights[k] > 0 for k in ("cluster", "consistency", "entropy"))
+
+    def draw() -> tuple[torch.Tensor, ...]:
+        idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
+        uidx = torch.randint(len(x_unlabeled), (n_unlabeled,), generator=generator).to(device)
+        x_l = random_affine(to_input(x_labeled[idx]), **weak_augment, generator=generator)
+        x_u = to_input(x_unlabeled[uidx])
+        x_weak = random_affine(x_u, **weak_augment, generator=generator)
+        x_strong = random_cutout(
+            random_affine(x_u, **strong_augment, generator=generator), cutout, generator
+        )
+        return x_l, y_labeled[idx], x_weak, x_strong
+
+    def loss(
+        x_l: torch.Tensor, y_l: torch.Tensor, x_weak: torch.Tensor, x_strong: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if weak_needs_grad:
+            feats = model.features(torch.cat([x_l, x_weak, x_strong]))
+            logits = model.classifier(feats)
+            logits_l, logits_weak, logits_strong = logits.split(
+                [batch_size, n_unlabeled, n_unlabeled]
+            )
+            feats_weak = feats[batch_size : batch_size + n_unlabeled]
+        else:
+            logits_l, logits_strong = model(torch.cat([x_l, x_strong])).split(
+                [batch_size, n_unlabeled]
+            )
+            logits_weak = None
+        if teacher is not None:
+            with torch.no_grad():
+                logits_target = teacher(x_weak)
+        elif logits_weak is None:
+            with torch.no_grad():
+                logits_target = model(x_weak)
+        else:
+            logits_target = logits_weak
+        loss_ce = F.cross_entropy(logits_l, y_l)
+        total = loss_ce
+        stats = {"train/ce": loss_ce.item()}
+        if weights["cluster"] > 0:
+            loss_cluster = cluster_loss(feats_weak, centroids[0])
+            total = total + weights["cluster"] * loss_cluster
+            stats["train/cluster"] = loss_cluster.item()
+        if weights["consistency"] > 0:
+            loss_consistency = consistency_loss(logits_weak, logits_strong)
+            total = total + weights["consistency"] * loss_consistency
+            stats["train/consistency"] = loss_consistency.item()
+        if weights["entropy"] > 0:
+            loss_entropy = entropy_loss(logits_weak)
+            total = total + weights["entropy"] * loss_entropy
+            stats["train/entropy"] = loss_entropy.item()
+        if weights["pseudo_label"] > 0:
+            loss_pl, mask_rate = pseudo_label_loss(logits_target, logits_strong, threshold)
+            total = total + weights["pseudo_label"] * loss_pl
+            stats["train/pseudo_label"] = loss_pl.item()
+            stats["train/confident_fraction"] = mask_rate.item()
+        stats["train/loss"] = total.item()
+        stats["train/accuracy"] = (logits_l.argmax(1) == y_l).float().mean().item()
+        return total, stats
+
+    return Step(draw, loss, images=batch_size + 2 * n_unlabeled)
+
+
 def train_consistency(
     model: nn.Module,
     x_labeled: torch.Tensor,
@@ -110,7 +204,7 @@ def train_consistency(
     on_checkpoint: CheckpointCallback | None = None,
     resume: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Cross-entropy on labeled images plus weighted unlabeled losses.
+    """Cross-entropy on labeled images plus weighted unlabeled losses (`consistency_step`).
 
     Each step draws `batch_size` labeled images (weakly augmented) and
     `unlabeled_ratio * batch_size` unlabeled images, each seen in a weak and a strong view
@@ -127,82 +221,32 @@ def train_consistency(
     """
     model.to(device)
     x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
-    x_unlabeled = x_unlabeled.to(device)
     n_classes = int(model.classifier[-1].out_features)
-    n_unlabeled = unlabeled_ratio * batch_size
     # The pseudo-label teacher: the trained weights themselves (FixMatch) or their moving
     # average (a mean teacher: steadier targets).
     ema = copy.deepcopy(model) if teacher == "ema" else None
-    weak_needs_grad = any(weights[k] > 0 for k in ("cluster", "consistency", "entropy"))
     centroids: list[torch.Tensor] = []
 
     def refresh_centroids(epoch: int) -> None:
         if weights["cluster"] > 0:
             centroids[:] = [class_centroids(model, x_labeled, y_labeled, n_classes)]
 
-    def step_loss(epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
-        uidx = torch.randint(len(x_unlabeled), (n_unlabeled,), generator=generator).to(device)
-        x_l = random_affine(to_input(x_labeled[idx]), **weak_augment, generator=generator)
-        x_u = to_input(x_unlabeled[uidx])
-        x_weak = random_affine(x_u, **weak_augment, generator=generator)
-        x_strong = random_cutout(
-            random_affine(x_u, **strong_augment, generator=generator), cutout, generator
-        )
-        if weak_needs_grad:
-            feats = model.features(torch.cat([x_l, x_weak, x_strong]))
-            logits = model.classifier(feats)
-            logits_l, logits_weak, logits_strong = logits.split(
-                [batch_size, n_unlabeled, n_unlabeled]
-            )
-            feats_weak = feats[batch_size : batch_size + n_unlabeled]
-        else:
-            logits_l, logits_strong = model(torch.cat([x_l, x_strong])).split(
-                [batch_size, n_unlabeled]
-            )
-            logits_weak = None
-        if ema is not None:
-            with torch.no_grad():
-                logits_target = ema(x_weak)
-        elif logits_weak is None:
-            with torch.no_grad():
-                logits_target = model(x_weak)
-        else:
-            logits_target = logits_weak
-        loss_ce = F.cross_entropy(logits_l, y_labeled[idx])
-        loss = loss_ce
-        stats = {"train/ce": loss_ce.item()}
-        if weights["cluster"] > 0:
-            loss_cluster = cluster_loss(feats_weak, centroids[0])
-            loss = loss + weights["cluster"] * loss_cluster
-            stats["train/cluster"] = loss_cluster.item()
-        if weights["consistency"] > 0:
-            loss_consistency = consistency_loss(logits_weak, logits_strong)
-            loss = loss + weights["consistency"] * loss_consistency
-            stats["train/consistency"] = loss_consistency.item()
-        if weights["entropy"] > 0:
-            loss_entropy = entropy_loss(logits_weak)
-            loss = loss + weights["entropy"] * loss_entropy
-            stats["train/entropy"] = loss_entropy.item()
-        if weights["pseudo_label"] > 0:
-            loss_pl, mask_rate = pseudo_label_loss(logits_target, logits_strong, threshold)
-            loss = loss + weights["pseudo_label"] * loss_pl
-            stats["train/pseudo_label"] = loss_pl.item()
-            stats["train/confident_fraction"] = mask_rate.item()
-        stats["train/loss"] = loss.item()
-        stats["train/accuracy"] = (logits_l.argmax(1) == y_labeled[idx]).float().mean().item()
-        return loss, stats
-
+    step = consistency_step(
+        model, x_labeled, y_labeled, x_unlabeled,
+        batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, weights=weights,
+        threshold=threshold, weak_augment=weak_augment, strong_augment=strong_augment,
+        cutout=cutout, generator=generator, teacher=ema, centroids=centroids,
+    )  # fmt: skip
     return fit_steps(
         model,
-        step_loss,
+        step,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         lr=lr,
         weight_decay=weight_decay,
         device=device,
         generator=generator,
-        images_per_step=batch_size + 2 * n_unlabeled,
+        images_per_step=step.images,
         lr_schedule=lr_schedule,
         ema_decay=ema_decay,
         ema=ema,

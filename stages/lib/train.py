@@ -70,10 +70,13 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
         )
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float, schedule: str, progress: float) -> None:
-    """`cosine` decays from `lr` to 0; a function of the step alone, so resuming is exact."""
+def _set_lr(
+    optimizer: torch.optim.Optimizer, base_lrs: list[float], schedule: str, progress: float
+) -> None:
+    """`cosine` decays each group's learning rate from its base value to 0; a function of
+    the step alone, so resuming is exact."""
     if schedule == "cosine":
-        for group in optimizer.param_groups:
+        for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -91,6 +94,21 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 StepFn = Callable[[int, int], tuple[torch.Tensor, dict[str, float]]]
 
 
+@dataclass
+class Step:
+    """A training step in two parts, so that the benchmark can time the model alone:
+    `draw()` is the data path (draw indices, gather, convert and augment on the device),
+    `loss(*batch)` the model's part (forward passes and losses). `images` is how many
+    images one step touches (labeled + unlabeled + generated)."""
+
+    draw: Callable[[], tuple[torch.Tensor, ...]]
+    loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]
+    images: int
+
+    def __call__(self, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss(*self.draw())
+
+
 def fit_steps(
     model: nn.Module,
     step_loss: StepFn,
@@ -103,11 +121,15 @@ def fit_steps(
     generator: torch.Generator,
     images_per_step: int,
     lr_schedule: str = "constant",
+    param_groups: list[dict[str, Any]] | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
     ema_decay: float = 0.0,
     ema: nn.Module | None = None,
+    patience: int = 0,
     x_val: torch.Tensor | None = None,
     y_val: torch.Tensor | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int], dict[str, Any]] | None = None,
     on_epoch: EpochCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     resume: dict[str, Any] | None = None,
@@ -119,12 +141,21 @@ def fit_steps(
     exponential moving average of the weights is kept (in `ema`, a copy of `model`, when
     the caller needs it as a teacher), and it is the model that is validated and returned;
     the raw weights only train. With a validation set the best
-    epoch by validation accuracy is kept; the test set never enters here.
+    epoch by validation accuracy is kept, and with `patience` > 0 training stops once that
+    many epochs pass without a better one; the test set never enters here.
+    `param_groups` (Adam groups, each with its own "lr") replace the single group of
+    `model.parameters()` at `lr`. `on_epoch_end(epoch)` may add entries to the epoch's
+    logged statistics: numbers go into the history, anything else (images) only to
+    `on_epoch`.
     """
     # channels_last: PyTorch's CPU convolutions run about 1.5-2x faster in this layout
     # (training the Waterloo CNN on one core: 1,080 -> 2,010 images/s); neutral on CUDA.
     model.to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    groups = (
+        param_groups if param_groups is not None else [{"params": model.parameters(), "lr": lr}]
+    )
+    optimizer = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay, betas=betas)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     if ema is None and ema_decay > 0:
         ema = copy.deepcopy(model)
     if ema is not None:
@@ -150,7 +181,7 @@ def fit_steps(
         sums: dict[str, float] = {}
         for step in range(1, steps_per_epoch + 1):
             progress = ((epoch - 1) * steps_per_epoch + step - 1) / total_steps
-            _set_lr(optimizer, lr, lr_schedule, progress)
+            _set_lr(optimizer, base_lrs, lr_schedule, progress)
             loss, step_stats = step_loss(epoch, step)
             check_finite(loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)
@@ -166,7 +197,10 @@ def fit_steps(
             stats["val/accuracy"], stats["val/loss"] = val["accuracy"], val["loss"]
             if val["accuracy"] > best_acc:
                 best_acc, best_epoch, best_state = val["accuracy"], epoch, _state_copy(scored)
+        extras = on_epoch_end(epoch) if on_epoch_end is not None else {}
+        stats.update({k: v for k, v in extras.items() if isinstance(v, float)})
         history.append(stats)
+        stop = patience > 0 and epoch - best_epoch >= patience and best_state is not None
         if on_checkpoint is not None:
             state = {
                 "epoch": epoch,
@@ -181,7 +215,12 @@ def fit_steps(
                 state["ema"] = _state_copy(ema)
             on_checkpoint(state)
         if on_epoch is not None:
-            on_epoch(stats)
+            on_epoch({**stats, **extras})
+        if stop:
+            print(
+                f"early stop at epoch {epoch}: the best validation accuracy was epoch {best_epoch}"
+            )
+            break
     last_state = _state_copy(scored)
     return TrainResult(
         best_state=best_state if best_state is not None else last_state,
@@ -189,8 +228,37 @@ def fit_steps(
         best_epoch=best_epoch,
         history=history,
         seconds=time.perf_counter() - start,
-        images_seen=(epochs - first_epoch + 1) * steps_per_epoch * images_per_step,
+        images_seen=(len(history) - first_epoch + 1) * steps_per_epoch * images_per_step,
     )
+
+
+def classifier_step(
+    model: nn.Module,
+    x_labeled: torch.Tensor,
+    y_labeled: torch.Tensor,
+    *,
+    batch_size: int,
+    augment: dict[str, float],
+    generator: torch.Generator,
+) -> Step:
+    """One supervised step: `batch_size` labeled images drawn with replacement (so a
+    100-image budget and a 6000-image budget run the same number of steps), randomly
+    augmented on the model's device, and their cross-entropy."""
+    device = next(model.parameters()).device
+    x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
+
+    def draw() -> tuple[torch.Tensor, ...]:
+        idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
+        x = random_affine(to_input(x_labeled[idx]), **augment, generator=generator)
+        return x, y_labeled[idx]
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(x)
+        ce = F.cross_entropy(logits, y)
+        accuracy = (logits.argmax(1) == y).float().mean().item()
+        return ce, {"train/loss": ce.item(), "train/accuracy": accuracy}
+
+    return Step(draw, loss, images=batch_size)
 
 
 def train_classifier(
@@ -213,31 +281,22 @@ def train_classifier(
     resume: dict[str, Any] | None = None,
     lr_schedule: str = "constant",
 ) -> TrainResult:
-    """Supervised training on labeled uint8 images with random affine augmentation.
-
-    Each step draws `batch_size` labeled images with replacement (so a 100-image budget and
-    a 6000-image budget run the same number of steps), augments them on `device`, and takes
-    an Adam step on the cross-entropy.
-    """
-    x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
-
-    def step_loss(epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
-        logits = model(random_affine(to_input(x_labeled[idx]), **augment, generator=generator))
-        loss = F.cross_entropy(logits, y_labeled[idx])
-        accuracy = (logits.argmax(1) == y_labeled[idx]).float().mean().item()
-        return loss, {"train/loss": loss.item(), "train/accuracy": accuracy}
-
+    """Supervised training on labeled uint8 images with random affine augmentation: Adam
+    steps on the cross-entropy of `classifier_step`'s batches."""
+    model.to(device)
+    step = classifier_step(
+        model, x_labeled, y_labeled, batch_size=batch_size, augment=augment, generator=generator
+    )
     return fit_steps(
         model,
-        step_loss,
+        step,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         lr=lr,
         weight_decay=weight_decay,
         device=device,
         generator=generator,
-        images_per_step=batch_size,
+        images_per_step=step.images,
         lr_schedule=lr_schedule,
         x_val=x_val,
         y_val=y_val,
@@ -267,10 +326,16 @@ def open_live(
 
 
 def live_epoch_logger(live: Live) -> EpochCallback:
-    def log(stats: dict[str, float]) -> None:
+    """Numbers become dvclive metrics; anything else is an image (a numpy array or a PIL
+    image) saved as `<name>.png`."""
+
+    def log(stats: dict[str, Any]) -> None:
         for name, value in stats.items():
-            if name != "epoch":
-                live.log_metric(name, value)
+            if isinstance(value, float | int):
+                if name != "epoch":
+                    live.log_metric(name, value)
+            else:
+                live.log_image(f"{name}.png", value)
         live.next_step()
 
     return log

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .data import to_input
 from .evaluation import eval_mode, map_batches
 from .nets import ARCHITECTURES
-from .train import CheckpointCallback, EpochCallback, TrainResult, fit_steps
+from .train import CheckpointCallback, EpochCallback, Step, TrainResult, fit_steps
 
 
 def _mlp(sizes: list[int]) -> list[nn.Module]:
@@ -91,6 +91,50 @@ def vae_loss(
     return (bce + kl_weight * kl).mean(), bce.mean(), kl.mean()
 
 
+def vae_step(
+    model: VAE,
+    images: Tensor,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+    kl_warmup_steps: float = 0.0,
+    first_step: int = 0,
+) -> Step:
+    """One VAE step: the next `batch_size` images of a random order of `images` (drawn
+    from `generator` whenever the last one is used up: one pass per epoch, its last batch
+    shorter), with fresh Gaussian noise from `generator`, and the negative ELBO.
+
+    The KL weight rises linearly from 0 to 1 over the first `kl_warmup_steps` steps (0 =
+    the plain ELBO from the start); the loss counts its calls from `first_step` (the steps
+    done before a resumed run), so it is a function of the step.
+    """
+    device = next(model.parameters()).device
+    images = images.to(device)
+    latent = model.to_stats.out_features // 2
+    order = torch.empty(0, dtype=torch.long)
+    position, done = 0, first_step
+
+    def draw() -> tuple[Tensor, ...]:
+        nonlocal order, position
+        if position >= len(order):
+            order, position = torch.randperm(len(images), generator=generator).to(device), 0
+        xb = to_input(images[order[position : position + batch_size]])
+        position += batch_size
+        noise = torch.randn(len(xb), latent, generator=generator).to(device)
+        return xb, noise
+
+    def loss(xb: Tensor, noise: Tensor) -> tuple[Tensor, dict[str, float]]:
+        nonlocal done
+        kl_weight = min(1.0, done / kl_warmup_steps) if kl_warmup_steps else 1.0
+        done += 1
+        logits, mean, logvar = model(xb, noise)
+        elbo, bce, kl = vae_loss(logits, xb, mean, logvar, kl_weight)
+        stats = {"train/loss": elbo.item(), "train/bce": bce.item(), "train/kl": kl.item()}
+        return elbo, {**stats, "train/kl_weight": kl_weight}
+
+    return Step(draw, loss, images=batch_size)
+
+
 def train_vae(
     model: VAE,
     images: Tensor,
@@ -108,46 +152,34 @@ def train_vae(
 ) -> TrainResult:
     """Unsupervised Adam training on uint8 images (N, H, W); no labels enter here.
 
-    Each epoch is one pass over the images in a seeded random order. The KL weight rises
-    linearly from 0 to 1 over the first `kl_warmup_epochs` (0 = the plain ELBO from the
-    start): early on, the full KL pulls posteriors onto the prior before the decoder has
-    learned to use the code, which leaves latent units inactive. The weight and the
-    learning rate are functions of the step, so a resumed run follows the same curves.
+    Each epoch is one pass over the images in a seeded random order (`vae_step`). The KL
+    weight rises linearly from 0 to 1 over the first `kl_warmup_epochs` (0 = the plain
+    ELBO from the start): early on, the full KL pulls posteriors onto the prior before the
+    decoder has learned to use the code, which leaves latent units inactive. The weight and
+    the learning rate are functions of the step, so a resumed run follows the same curves.
     There is no validation set: the last epoch is kept.
     """
-    images = images.to(device)
+    model.to(device)
     steps_per_epoch = -(-len(images) // batch_size)
-    latent = model.to_stats.out_features // 2
-    order = torch.empty(0, dtype=torch.long)
-
-    def shuffle(epoch: int) -> None:
-        nonlocal order
-        order = torch.randperm(len(images), generator=generator).to(device)
-
-    def step_loss(epoch: int, step: int) -> tuple[Tensor, dict[str, float]]:
-        done = (epoch - 1) * steps_per_epoch + step - 1
-        kl_weight = (
-            min(1.0, done / (kl_warmup_epochs * steps_per_epoch)) if kl_warmup_epochs else 1.0
-        )
-        xb = to_input(images[order[(step - 1) * batch_size : step * batch_size]])
-        noise = torch.randn(len(xb), latent, generator=generator).to(device)
-        logits, mean, logvar = model(xb, noise)
-        loss, bce, kl = vae_loss(logits, xb, mean, logvar, kl_weight)
-        stats = {"train/loss": loss.item(), "train/bce": bce.item(), "train/kl": kl.item()}
-        return loss, {**stats, "train/kl_weight": kl_weight}
-
+    step = vae_step(
+        model,
+        images,
+        batch_size=batch_size,
+        generator=generator,
+        kl_warmup_steps=kl_warmup_epochs * steps_per_epoch,
+        first_step=resume["epoch"] * steps_per_epoch if resume is not None else 0,
+    )
     return fit_steps(
         model,
-        step_loss,
+        step,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         lr=lr,
         weight_decay=0.0,
         device=device,
         generator=generator,
-        images_per_step=batch_size,
+        images_per_step=step.images,
         lr_schedule=lr_schedule,
-        on_epoch_start=shuffle,
         on_epoch=on_epoch,
         on_checkpoint=on_checkpoint,
         resume=resume,

@@ -1,0 +1,258 @@
+"""The semi-supervised GAN: architectures, losses, and its trainer (stages/lib/sgan.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages.lib.config import PipelineError
+from stages.lib.data import to_input
+from stages.lib.pseudo import embedding_network
+from stages.lib.sgan import (
+    GeneratorCollapsed,
+    MLPDiscriminator,
+    SemiSupervisedGAN,
+    classify_samples,
+    data_dependent_init,
+    feature_matching_loss,
+    frozen,
+    image_grid,
+    real_logit,
+    supervised_loss,
+    train_sgan,
+    unsupervised_loss,
+)
+from stages.lib.train import TrainingDiverged
+from tests.conftest import AUGMENT, synthetic_digits
+
+SMALL = {
+    "conv": ({"channels": [4, 8], "hidden": 16}, {"channels": [8, 4], "z_size": 8}),
+    "mlp": ({"hidden": [32, 16]}, {"hidden": [16], "z_size": 8}),
+}
+
+
+def small_gan(arch: str, **discriminator) -> SemiSupervisedGAN:
+    disc, gen = SMALL[arch]
+    return SemiSupervisedGAN(arch, {**disc, **discriminator}, gen)
+
+
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+@pytest.mark.parametrize("fake_logit", ["explicit", "zero"])
+def test_discriminator_gives_k_class_logits_and_k_plus_one_for_training(arch, fake_logit):
+    model = small_gan(arch, fake_logit=fake_logit).eval()
+    x = to_input(synthetic_digits(3)[0])
+    logits_k1 = model.discriminator.logits_k1(x)
+    assert model(x).shape == (3, 10) and logits_k1.shape == (3, 11)
+    assert torch.equal(model(x), logits_k1[:, :10])
+    if fake_logit == "zero":
+        assert torch.equal(logits_k1[:, 10], torch.zeros(3))
+    images = model.sample(5)
+    assert images.shape == (5, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
+
+
+def test_the_report_sized_conv_discriminator_has_6272_conv_features():
+    model = SemiSupervisedGAN("conv", {"feature_layer": 2}, {})
+    assert model.discriminator.features(torch.zeros(2, 1, 28, 28)).flatten(1).shape == (2, 6272)
+    assert model.discriminator.logits_k1(torch.zeros(2, 1, 28, 28)).shape == (2, 11)
+
+
+def test_feature_layer_out_of_range_is_a_clear_error():
+    with pytest.raises(PipelineError, match="feature_layer=4 but the discriminator has 3"):
+        small_gan("conv", feature_layer=4)
+
+
+def test_real_logit_is_the_log_odds_of_not_generated():
+    logits = torch.tensor([[1.0, 2.0, 0.5]])  # two classes + the generated logit
+    p_fake = logits.softmax(1)[0, 2]
+    assert real_logit(logits).item() == pytest.approx(math.log((1 - p_fake) / p_fake), abs=1e-6)
+
+
+def test_unsupervised_loss_matches_the_papers_formula_and_descends_the_right_way():
+    class_logits_real, class_logits_fake = torch.randn(6, 10), torch.randn(6, 10)
+    pad = lambda t: F.pad(t, (0, 1))  # noqa: E731  (fake logit fixed at 0)
+    l_unl = torch.logsumexp(class_logits_real, 1)
+    l_gen = torch.logsumexp(class_logits_fake, 1)
+    paper = -0.5 * l_unl.mean() + 0.5 * F.softplus(l_unl).mean() + 0.5 * F.softplus(l_gen).mean()
+    ours = unsupervised_loss(pad(class_logits_real), pad(class_logits_fake))
+    assert ours.item() == pytest.approx(paper.item(), abs=1e-5)
+    # A gradient step makes real images look more real and generated ones less.
+    real = pad(class_logits_real).requires_grad_()
+    fake = pad(class_logits_fake).requires_grad_()
+    unsupervised_loss(real, fake).backward()
+    assert (real_logit(real - real.grad) > real_logit(real)).all()
+    assert (real_logit(fake - fake.grad) < real_logit(fake)).all()
+
+
+def test_supervised_loss_ignores_the_generated_logit():
+    logits = torch.randn(4, 11)
+    labels = torch.tensor([0, 3, 9, 5])
+    changed = logits.clone()
+    changed[:, 10] += 100
+    assert supervised_loss(changed, labels) == supervised_loss(logits, labels)
+    assert supervised_loss(logits, labels) == F.cross_entropy(logits[:, :10], labels)
+
+
+def test_feature_matching_trains_only_the_generator():
+    model = small_gan("conv")
+    real = to_input(synthetic_digits(8)[0])
+    fake = model.sample(8)
+    with frozen(model.discriminator):
+        features_fake = model.discriminator.features(fake)
+    loss = feature_matching_loss(model.discriminator.features(real), features_fake)
+    loss.backward()
+    assert all(p.grad is None for p in model.discriminator.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.generator.parameters())
+    assert all(p.requires_grad for p in model.discriminator.parameters())  # restored
+    assert feature_matching_loss(features_fake, features_fake).item() == 0.0
+
+
+def test_data_dependent_init_standardises_pre_activations():
+    disc = MLPDiscriminator(hidden=[64, 32], input_noise=0.3, hidden_noise=0.5)
+    x = to_input(synthetic_digits(200)[0])
+    data_dependent_init(disc, x)
+    first = disc.blocks[0][2]  # the weight-normalised Linear of the first block
+    out = first(x.flatten(1))
+    assert out.mean(0).abs().max() < 1e-4
+    assert (out.std(0) - 1).abs().max() < 1e-3
+
+
+def test_image_grid_tiles_rows_with_gaps():
+    images = torch.zeros(12, 1, 28, 28)
+    images[11] = 1.0
+    grid = image_grid(images, columns=5)
+    assert grid.shape == (3 * 29 - 1, 5 * 29 - 1) and grid.dtype.name == "uint8"
+    assert grid[58:86, 29:57].min() == 255  # image 11: row 2, column 1
+    assert grid[:28, :28].max() == 0
+
+
+TRAIN = {
+    "epochs": 3,
+    "steps_per_epoch": 4,
+    "batch_size": 10,
+    "unlabeled_batch_size": 12,
+    "lr": 0.003,
+    "generator_lr": 0.003,
+    "beta1": 0.5,
+    "lr_schedule": "cosine",
+    "unsupervised_weight": 1.0,
+    "augment": AUGMENT,
+    "augment_unlabeled": True,
+    "ema_decay": 0.9,
+    "patience": 0,
+    "collapse_std": 0.0,
+    "device": torch.device("cpu"),
+}
+
+
+def _train(arch: str = "mlp", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    x, y = synthetic_digits(60)
+    model = small_gan(arch, input_noise=0.1, hidden_noise=0.1)
+    settings = {**TRAIN, **overrides}
+    result = train_sgan(
+        model, x[:20], y[:20], x, generator=torch.Generator().manual_seed(seed),
+        x_val=x[20:], y_val=y[20:], **settings,
+    )  # fmt: skip
+    return model, result
+
+
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_training_logs_losses_and_is_deterministic(arch):
+    _, first = _train(arch)
+    _, second = _train(arch)
+    assert first.history == second.history
+    for key, value in first.last_state.items():
+        assert torch.equal(second.last_state[key], value)
+    logged = first.history[-1]
+    for name in ("loss_supervised", "loss_unsupervised", "loss_feature_matching", "d_real"):
+        assert math.isfinite(logged[f"train/{name}"])
+    assert 0 <= logged["val/accuracy"] <= 1
+    # Both networks changed.
+    _, untouched = _train(arch, epochs=1, steps_per_epoch=1, lr=1e-12, generator_lr=1e-12)
+    for part in ("discriminator.", "generator."):
+        assert any(
+            not torch.equal(v, untouched.last_state[k])
+            for k, v in first.last_state.items()
+            if k.startswith(part) and v.dtype.is_floating_point
+        )
+
+
+def test_every_epoch_logs_a_grid_of_the_fixed_noise_samples():
+    grids = []
+    z = torch.rand(6, 8)
+    _train(epochs=2, grid_z=z, on_epoch=lambda stats: grids.append(stats))
+    grids = [stats[f"generated/{n}"] for n, stats in enumerate(grids, 1)]
+    assert len(grids) == 2 and grids[0].shape == (28, 6 * 29 - 1)  # one row of six
+
+
+def test_a_collapsed_generator_stops_training_with_a_message():
+    saved = []
+    with pytest.raises(GeneratorCollapsed, match="generator collapsed.*epoch 1"):
+        _train(collapse_std=10.0, on_checkpoint=saved.append)
+    assert saved == []  # stopped before a checkpoint of the collapsed epoch
+
+
+def test_a_nan_loss_stops_gan_training():
+    with pytest.raises(TrainingDiverged, match="loss is nan"):
+        _train(unsupervised_weight=float("nan"))
+
+
+def test_early_stopping_waits_patience_epochs_after_the_best_validation_epoch():
+    _, result = _train(epochs=30, patience=2, lr=1e-12, generator_lr=1e-12, ema_decay=0.0)
+    # Nothing learns, so the first epoch stays the best and training stops two epochs later.
+    assert result.best_epoch == 1 and len(result.history) == 3
+
+
+def test_an_interrupted_gan_run_resumes_to_the_same_result():
+    _, reference = _train(epochs=3)
+    saved = []
+    with pytest.raises(RuntimeError):
+        _train(epochs=3, on_checkpoint=saved.append, on_epoch=_stop_at(2))
+    _, resumed = _train(seed=7, epochs=3, resume=saved[-1])
+    assert resumed.history == reference.history
+    for key, value in reference.last_state.items():
+        assert torch.equal(resumed.last_state[key], value)
+
+
+def _stop_at(epoch: int):
+    def stop(stats):
+        if stats["epoch"] == epoch:
+            raise RuntimeError("interrupted")
+
+    return stop
+
+
+def test_classify_samples_counts_classes_and_confidence():
+    class Fixed(torch.nn.Module):
+        """Predicts class 2 for bright images (confidently), class 7 for dark ones."""
+
+        def forward(self, x):
+            bright = (x.mean((1, 2, 3)) > 0.5).float()[:, None]
+            return 10 * bright * F.one_hot(torch.tensor(2), 10) + (1 - bright) * F.one_hot(
+                torch.tensor(7), 10
+            )
+
+    images = torch.cat([torch.ones(3, 1, 28, 28), torch.zeros(5, 1, 28, 28)])
+    report = classify_samples(images, Fixed(), n_classes=10, batch_size=3)
+    assert report["class_counts"]["2"] == 3 and report["class_counts"]["7"] == 5
+    assert report["classes_covered"] == 2 and report["per_class_confidence"]["0"] is None
+    assert report["per_class_confidence"]["2"] == pytest.approx(1.0, abs=1e-3)
+    low = math.e / (math.e + 9)  # softmax of a single logit 1 among ten
+    assert report["per_class_confidence"]["7"] == pytest.approx(low, abs=1e-5)
+    assert report["predicted"].tolist() == [2, 2, 2, 7, 7, 7, 7, 7]
+    assert 0 < report["class_balance"] < 1
+    uniform = classify_samples(images[:1].repeat(10, 1, 1, 1), Fixed(), 10)
+    assert uniform["classes_covered"] == 1 and uniform["class_balance"] == pytest.approx(0)
+
+
+def test_discriminator_features_for_extraction():
+    conv, mlp = small_gan("conv").discriminator.eval(), small_gan("mlp").discriminator.eval()
+    x = to_input(synthetic_digits(3)[0])
+    assert embedding_network(conv, "penultimate")(x).shape == (3, 16)
+    assert embedding_network(conv, "conv")(x).shape == (3, 8 * 7 * 7)
+    assert embedding_network(mlp, "penultimate")(x).shape == (3, 16)
+    with pytest.raises(PipelineError, match="no conv layers"):
+        embedding_network(mlp, "conv")
