@@ -58,7 +58,7 @@ from .lib.data import NO_AUGMENT, class_balanced_split
 from .lib.nets import build_model
 from .lib.paths import METRICS_DIR, SPLIT_FILE, load_raw, load_split
 from .lib.semi import class_centroids, consistency_step
-from .lib.sgan import STEP_KEYS, build_sgan, sgan_step
+from .lib.sgan import STEP_KEYS, build_sgan, sgan_step, unlabeled_indices
 from .lib.train import Step, classifier_step
 from .lib.vae import VAE, vae_step
 
@@ -206,9 +206,8 @@ def sgan(s: Setup, arch_cfg: dict[str, Any] | None = None, reference: bool = Fal
     model = prepare(model, s.device)
     x, y = s.train_set()
     split = s.split()
-    labeled, unlabeled = split["labeled_idx"], split["unlabeled_idx"]
-    if cfg["unlabeled_includes_labeled"]:
-        unlabeled = torch.cat([labeled, unlabeled])
+    labeled = split["labeled_idx"]
+    unlabeled = unlabeled_indices(split, cfg["unlabeled_includes_labeled"])
     step = sgan_step(
         model,
         x[labeled],

@@ -19,7 +19,14 @@ from .lib.config import DATASET_CLASSES, load_params, resolve_device, run_stage,
 from .lib.io import atomic_open, run_fingerprint, save_checkpoint
 from .lib.paths import METRICS_DIR, PLOTS_DIR, SGAN_DIR, load_raw, load_split
 from .lib.resume import fit_resumable
-from .lib.sgan import STEP_KEYS, build_sgan, generated_grid, sample_z, train_sgan
+from .lib.sgan import (
+    STEP_KEYS,
+    build_sgan,
+    generated_grid,
+    sample_z,
+    train_sgan,
+    unlabeled_indices,
+)
 from .lib.train import TrainResult
 
 GRID_FILE = PLOTS_DIR / "sgan" / "generated.png"
@@ -32,13 +39,10 @@ def main() -> None:
     generator = seed_everything(params["seed"])
 
     data, split = load_raw(params["dataset"]), load_split()
-    labeled, val, unlabeled = split["labeled_idx"], split["val_idx"], split["unlabeled_idx"]
+    labeled, val = split["labeled_idx"], split["val_idx"]
+    unlabeled = unlabeled_indices(split, cfg["unlabeled_includes_labeled"])
     n_classes = DATASET_CLASSES[params["dataset"]]
     model, discriminator_config, generator_config = build_sgan(cfg, n_classes)
-    # The paper's unlabeled set is every training image, the labeled ones included (never
-    # the validation images: their labels only score).
-    if cfg["unlabeled_includes_labeled"]:
-        unlabeled = torch.cat([labeled, unlabeled])
     grid_z = sample_z(
         cfg["grid_size"], cfg["z_size"], torch.Generator().manual_seed(params["seed"])
     )

@@ -316,6 +316,15 @@ def build_sgan(
     return SemiSupervisedGAN(arch, discriminator, generator), discriminator, generator
 
 
+def unlabeled_indices(split: dict[str, Tensor], includes_labeled: bool) -> Tensor:
+    """The SGAN's unlabeled set: the split's unlabeled images, plus the labeled ones when
+    `includes_labeled` (the paper: every training image). Never the validation images:
+    their labels only score."""
+    if includes_labeled:
+        return torch.cat([split["labeled_idx"], split["unlabeled_idx"]])
+    return split["unlabeled_idx"]
+
+
 # `load_model` rebuilds checkpoints through nets.ARCHITECTURES (see vae.py).
 ARCHITECTURES.update(
     sgan_conv_discriminator=ConvDiscriminator,
@@ -379,10 +388,8 @@ def data_dependent_init(model: nn.Module, x: Tensor) -> None:
         if isinstance(module, nn.Linear) and hasattr(module, "parametrizations"):
             handles.append(module.register_forward_hook(rescale))
     try:
-        was_training = model.training
-        model.eval()  # no noise while measuring
-        model(x)
-        model.train(was_training)
+        with eval_mode(model):  # no noise while measuring
+            model(x)
     finally:
         for handle in handles:
             handle.remove()
