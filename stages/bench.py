@@ -329,9 +329,11 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"wrote {BENCH_FILE} (throughput)")
 
 
-def repro(profile: str) -> None:
+def repro(profile: str, keep: Path | None = None) -> None:
     if not Path("dvc.yaml").exists():
         raise PipelineError("dvc.yaml not found: run the benchmark from the repository root")
+    if keep is not None and (keep / profile).exists():
+        raise PipelineError(f"--keep: {keep / profile} already exists; name a new folder")
     print(f"\ndvc repro, {profile} profile, stage by stage (wall time, peak RSS):", flush=True)
     runs: list[StageRun] = []
 
@@ -340,11 +342,12 @@ def repro(profile: str) -> None:
         print(f"  {run.stage:<26} {run.seconds:8.1f} s {run.peak_rss_mib:8.0f} MiB", flush=True)
 
     with tempfile.TemporaryDirectory(prefix=f"bench-repro-{profile}-") as tmp:
-        repo = scratch_repo(
-            Path.cwd(), Path(tmp) / "repo", None if profile == "default" else profile
-        )
+        folder = keep / profile if keep is not None else Path(tmp) / "repo"
+        repo = scratch_repo(Path.cwd(), folder, None if profile == "default" else profile)
         time_stages(repo, stage_order(repo), report)
         summary = repro_summary(runs, time_noop_repro(repo))
+    if keep is not None:
+        print(f"  the timed repository (outputs, dvc.lock, cache) is kept in {folder}")
     print(f"  {'total':<26} {summary['total_seconds']:8.1f} s {summary['peak_rss_mib']:8.0f} MiB")
     print(f"  (a second dvc repro, every stage up to date: {summary['noop_repro_seconds']:.1f} s)")
     update_json(
@@ -377,13 +380,19 @@ def main() -> None:
     parser.add_argument(
         "--throughput", action="store_true", help="with --repro: measure throughput as well"
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="with --repro: keep each timed repository in DIR/<profile> (a new folder)",
+    )
     args = parser.parse_args()
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         raise PipelineError("--steps and --rounds must be >= 1 and --warmup >= 0")
     if not args.repro or args.throughput:
         throughput(args)
     for profile in args.repro or ():
-        repro(profile)
+        repro(profile, args.keep)
 
 
 if __name__ == "__main__":

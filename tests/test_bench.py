@@ -226,3 +226,14 @@ def test_run_measured_reports_time_exit_status_and_the_peak_memory_of_descendant
     assert seconds > 0 and code == 0 and rss_mib >= 120
     _, _, code, output = run_measured([sys.executable, "-c", "print('hi'); exit(3)"], cwd=".")
     assert code == 3 and output.strip() == "hi"
+
+
+def test_repro_refuses_to_keep_its_repository_in_an_existing_folder(tmp_path, capsys):
+    from stages.bench import repro
+
+    (tmp_path / "smoke").mkdir()
+    with pytest.raises(PipelineError, match="already exists"):
+        repro("smoke", keep=tmp_path)
+    # It stops before copying or timing anything.
+    assert list((tmp_path / "smoke").iterdir()) == []
+    assert "stage by stage" not in capsys.readouterr().out
