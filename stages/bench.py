@@ -389,6 +389,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         raise PipelineError("--steps and --rounds must be >= 1 and --warmup >= 0")
+    if args.keep is not None and not args.repro:
+        raise PipelineError("--keep only applies to --repro: add --repro smoke or default")
     if not args.repro or args.throughput:
         throughput(args)
     for profile in args.repro or ():

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from stages.bench import main, repro
 from stages.lib.bench import (
     NOT_COPIED,
     PerSampleImages,
@@ -229,11 +230,15 @@ def test_run_measured_reports_time_exit_status_and_the_peak_memory_of_descendant
 
 
 def test_repro_refuses_to_keep_its_repository_in_an_existing_folder(tmp_path, capsys):
-    from stages.bench import repro
-
     (tmp_path / "smoke").mkdir()
     with pytest.raises(PipelineError, match="already exists"):
         repro("smoke", keep=tmp_path)
     # It stops before copying or timing anything.
     assert list((tmp_path / "smoke").iterdir()) == []
     assert "stage by stage" not in capsys.readouterr().out
+
+
+def test_keep_without_repro_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench", "--keep", str(tmp_path / "timed")])
+    with pytest.raises(PipelineError, match="--keep only applies to --repro"):
+        main()
