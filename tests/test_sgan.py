@@ -12,6 +12,7 @@ from stages.lib.config import PipelineError
 from stages.lib.data import to_input
 from stages.lib.pseudo import embedding_network
 from stages.lib.sgan import (
+    GaussianNoise,
     GeneratorCollapsed,
     MLPDiscriminator,
     SemiSupervisedGAN,
@@ -62,6 +63,35 @@ def test_the_report_sized_conv_discriminator_has_6272_conv_features():
 def test_feature_layer_out_of_range_is_a_clear_error():
     with pytest.raises(PipelineError, match="feature_layer=4 but the discriminator has 3"):
         small_gan("conv", feature_layer=4)
+
+
+def test_gaussian_noise_has_its_std_keeps_the_layout_and_is_off_in_eval():
+    torch.manual_seed(0)
+    x = torch.ones(64, 8, 14, 14).to(memory_format=torch.channels_last)
+    noise = GaussianNoise(0.5)
+    y = noise(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # the next conv's fast layout
+    assert abs((y - 1).mean().item()) < 0.01 and abs((y - 1).std().item() - 0.5) < 0.01
+    assert torch.equal(noise.eval()(x), x)
+
+
+def test_conv_blocks_compute_the_reports_conv_leaky_relu_pool_order():
+    # The blocks pool before the activation (cheaper); values and gradients must be those
+    # of the report's conv -> LeakyReLU -> max-pool.
+    disc = small_gan("conv").discriminator.eval()
+    reordered = torch.nn.Sequential(
+        *[torch.nn.Sequential(b[0], b[1], b[3], b[2]) for b in disc.blocks[:-1]]
+    )
+    x = torch.rand(4, 1, 28, 28)
+    ours = torch.nn.Sequential(*disc.blocks[:-1])(x)
+    assert isinstance(disc.blocks[0][2], torch.nn.MaxPool2d)
+    assert torch.equal(ours, reordered(x))
+    grads = []
+    for net in (torch.nn.Sequential(*disc.blocks[:-1]), reordered):
+        disc.zero_grad()
+        net(x).square().sum().backward()
+        grads.append(disc.blocks[1][1].weight.grad.clone())
+    assert torch.equal(*grads)
 
 
 def test_real_logit_is_the_log_odds_of_not_generated():

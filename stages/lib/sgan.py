@@ -47,7 +47,9 @@ class GaussianNoise(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.std > 0:
-            return x + self.std * torch.randn_like(x)
+            # Not randn_like: it keeps a channels_last input's layout, and filling that
+            # layout takes torch's scalar path, 6x slower (40% of an SGAN step on a CPU).
+            return x + self.std * torch.randn(x.shape, dtype=x.dtype, device=x.device)
         return x
 
 
@@ -114,7 +116,7 @@ class Discriminator(nn.Module):
 
 
 class ConvDiscriminator(Discriminator):
-    """The SGAN report's discriminator: (conv 3x3 + LeakyReLU + max-pool) per entry of
+    """The SGAN report's discriminator: (conv 3x3 + max-pool + LeakyReLU) per entry of
     `channels`, Linear(hidden) + LeakyReLU, Linear(K+1 or K). Gaussian noise on the input
     and before every later layer in training (0 = none, as in the report)."""
 
@@ -136,8 +138,10 @@ class ConvDiscriminator(Discriminator):
                 nn.Sequential(
                     GaussianNoise(input_noise if i == 0 else hidden_noise),
                     nn.Conv2d(in_channels, out_channels, 3, padding=1),
-                    nn.LeakyReLU(0.2),
+                    # Pooling first gives the same values and gradients (LeakyReLU is
+                    # increasing) and runs the activation on a quarter of the elements.
                     nn.MaxPool2d(2),
+                    nn.LeakyReLU(0.2),
                 )
             )
             in_channels, side = out_channels, side // 2
