@@ -183,7 +183,7 @@ def consistency(s: Setup) -> Case:
 
 def retrain(s: Setup) -> Case:
     cfg = s.params["retrain"]
-    arch_config = {key: cfg[key] for key in ("channels", "hidden")}
+    arch_config = {key: cfg[key] for key in ("channels", "hidden", "batch_norm")}
     model = prepare(build_model("waterloo_cnn", n_classes=s.n_classes, **arch_config), s.device)
     # The training images with their own labels stand in for labeled + pseudo-labeled ones
     # (at most as many): the step's cost does not depend on the labels' values.

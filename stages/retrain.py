@@ -33,6 +33,7 @@ def main() -> None:
         "n_classes": DATASET_CLASSES[params["dataset"]],
         "channels": cfg["channels"],
         "hidden": cfg["hidden"],
+        "batch_norm": cfg["batch_norm"],
     }
     model = build_model("waterloo_cnn", **arch_config)
     fit_and_save(

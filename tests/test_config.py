@@ -56,6 +56,8 @@ def test_repository_params_and_profiles_are_valid():
         ("train_consistency.teacher", "oracle", "teacher must be one of student, ema"),
         ("pseudo_label.rule", "vote", "pseudo_label.rule must be one of knn, majority"),
         ("features.backbone", "ceiling_cnn5", "features.backbone must be one of"),
+        ("features.layer", "logits", "features.layer must be one of penultimate, conv, prob"),
+        ("retrain.batch_norm", "yes", "retrain.batch_norm must be"),
     ],
 )
 def test_bad_values_are_named(key, value, message):

@@ -75,6 +75,8 @@ def test_embedding_network_cuts_the_model_at_the_requested_layer():
     # The classifier's last layer applied to the penultimate features gives the logits.
     logits = model.eval()(to_input(x))
     assert torch.allclose(model.classifier[-1](penultimate), logits, atol=1e-5)
+    probabilities = extract_features(embedding_network(model, "probabilities"), x, 2, device)
+    assert torch.allclose(probabilities, logits.softmax(1), atol=1e-6)
 
 
 def test_a_model_without_feature_parts_is_refused():

@@ -284,5 +284,11 @@ def test_discriminator_features_for_extraction():
     assert embedding_network(conv, "penultimate")(x).shape == (3, 16)
     assert embedding_network(conv, "conv")(x).shape == (3, 8 * 7 * 7)
     assert embedding_network(mlp, "penultimate")(x).shape == (3, 16)
+    # Class probabilities cover the K digits only; "generated" is not a class.
+    for disc in (conv, mlp):
+        probabilities = embedding_network(disc, "probabilities")(x)
+        assert probabilities.shape == (3, 10)
+        assert torch.allclose(probabilities.sum(1), torch.ones(3))
+        assert torch.equal(probabilities.argmax(1), disc(x).argmax(1))
     with pytest.raises(PipelineError, match="no conv layers"):
         embedding_network(mlp, "conv")

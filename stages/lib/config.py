@@ -144,7 +144,7 @@ def device(value: Any, key: str) -> None:
 
 LR_SCHEDULES = ("constant", "cosine")
 # Where extract_features cuts a backbone, and how pseudo_label names k-means clusters.
-FEATURE_LAYERS = ("penultimate", "conv")
+FEATURE_LAYERS = ("penultimate", "conv", "probabilities")
 PSEUDO_LABEL_RULES = ("knn", "majority", "nearest_centroid")
 # Attention maps the `attention` stage can draw (grad_cam needs a conv layer).
 ATTENTION_METHODS = ("saliency", "grad_cam")
@@ -267,6 +267,7 @@ SCHEMA: dict[str, Any] = {
         **TRAINING,
         "channels": list_of(integer(minimum=1), min_len=3),
         "hidden": integer(minimum=1),
+        "batch_norm": boolean,
         "augment": AUGMENT,
     },
     "vae_svm": {

@@ -21,8 +21,11 @@ def embedding_network(model: nn.Module, layer: str) -> nn.Module:
 
     `conv`: the flattened convolutional features (`model.features`); `penultimate`: the
     last hidden layer, i.e. everything but the final linear layer of `model.classifier`
-    (in eval mode, so dropout is off).
+    (in eval mode, so dropout is off); `probabilities`: the whole model, softmax over its
+    K class logits (for the SGAN discriminator, the digits without "generated").
     """
+    if layer == "probabilities":
+        return nn.Sequential(model, nn.Softmax(dim=1))
     if hasattr(model, "embedding"):  # e.g. the SGAN discriminator
         return model.embedding(layer)
     if not hasattr(model, "features") or not hasattr(model, "classifier"):
