@@ -55,7 +55,7 @@ from .lib.config import (
     seed_everything,
 )
 from .lib.data import NO_AUGMENT, class_balanced_split
-from .lib.nets import build_model
+from .lib.nets import build_model, waterloo_config
 from .lib.paths import METRICS_DIR, SPLIT_FILE, load_raw, load_split
 from .lib.semi import class_centroids, consistency_step
 from .lib.sgan import STEP_KEYS, build_sgan, sgan_step, unlabeled_indices
@@ -150,8 +150,7 @@ def ceiling_cnn5(s: Setup) -> Case:
 
 def consistency(s: Setup) -> Case:
     cfg = s.params["train_consistency"]
-    arch_config = {key: cfg[key] for key in ("channels", "hidden", "batch_norm")}
-    model = prepare(build_model("waterloo_cnn", n_classes=s.n_classes, **arch_config), s.device)
+    model = prepare(build_model("waterloo_cnn", **waterloo_config(cfg, s.n_classes)), s.device)
     x, y = s.train_set()
     split = s.split()
     x_l, y_l = x[split["labeled_idx"]], y[split["labeled_idx"]]
@@ -174,6 +173,7 @@ def consistency(s: Setup) -> Case:
         generator=s.generator,
         teacher=teacher,
         centroids=centroids,
+        adaptive_threshold=cfg["adaptive_threshold"],
     )
     update = adam_update(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     n_unlabeled = len(split["unlabeled_idx"])
@@ -183,8 +183,7 @@ def consistency(s: Setup) -> Case:
 
 def retrain(s: Setup) -> Case:
     cfg = s.params["retrain"]
-    arch_config = {key: cfg[key] for key in ("channels", "hidden", "batch_norm")}
-    model = prepare(build_model("waterloo_cnn", n_classes=s.n_classes, **arch_config), s.device)
+    model = prepare(build_model("waterloo_cnn", **waterloo_config(cfg, s.n_classes)), s.device)
     # The training images with their own labels stand in for labeled + pseudo-labeled ones
     # (at most as many): the step's cost does not depend on the labels' values.
     x, y = s.train_set()

@@ -31,7 +31,7 @@ METHODS = {
     "baseline": "supervised CNN, labeled images only",
     "sgan": "SGAN: K+1 discriminator, feature-matching generator (best validation epoch)",
     "sgan_last": "SGAN: the same run's last epoch (= sgan without a validation split)",
-    "consistency": "Waterloo CNN + unlabeled losses (FixMatch pseudo-labels, EMA)",
+    "consistency": "Waterloo CNN + unlabeled losses (thresholded pseudo-labels, EMA)",
     "retrain": "CNN retrained on labeled + k-means pseudo-labeled images",
     "ceiling_linear": "fully supervised ceiling: linear softmax",
     "ceiling_fc256": "fully supervised ceiling: fully connected, 256 ReLU",

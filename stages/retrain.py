@@ -12,7 +12,7 @@ import torch
 
 from .lib.config import DATASET_CLASSES, load_params, resolve_device, run_stage, seed_everything
 from .lib.io import load_arrays
-from .lib.nets import build_model
+from .lib.nets import build_model, waterloo_config
 from .lib.paths import METRICS_DIR, PSEUDO_FILE, load_raw, load_split, model_file
 from .lib.resume import fit_and_save
 from .lib.train import train_classifier
@@ -29,12 +29,7 @@ def main() -> None:
     pseudo = {k: torch.from_numpy(v) for k, v in load_arrays(PSEUDO_FILE, "pseudo_label").items()}
     kept = pseudo["confidence"] >= cfg["min_confidence"]
     pseudo_idx, pseudo_label = pseudo["unlabeled_idx"][kept], pseudo["label"][kept].long()
-    arch_config = {
-        "n_classes": DATASET_CLASSES[params["dataset"]],
-        "channels": cfg["channels"],
-        "hidden": cfg["hidden"],
-        "batch_norm": cfg["batch_norm"],
-    }
+    arch_config = waterloo_config(cfg, DATASET_CLASSES[params["dataset"]])
     model = build_model("waterloo_cnn", **arch_config)
     fit_and_save(
         partial(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 from .lib.config import DATASET_CLASSES, load_params, resolve_device, run_stage, seed_everything
-from .lib.nets import build_model
+from .lib.nets import build_model, waterloo_config
 from .lib.paths import METRICS_DIR, load_raw, load_split, model_file
 from .lib.resume import fit_and_save
 from .lib.semi import train_consistency
@@ -26,12 +26,7 @@ def main() -> None:
 
     data, split = load_raw(params["dataset"]), load_split()
     labeled, val, unlabeled = split["labeled_idx"], split["val_idx"], split["unlabeled_idx"]
-    arch_config = {
-        "n_classes": DATASET_CLASSES[params["dataset"]],
-        "channels": cfg["channels"],
-        "hidden": cfg["hidden"],
-        "batch_norm": cfg["batch_norm"],
-    }
+    arch_config = waterloo_config(cfg, DATASET_CLASSES[params["dataset"]])
     model = build_model("waterloo_cnn", **arch_config)
     fit_and_save(
         partial(
@@ -49,6 +44,7 @@ def main() -> None:
             weight_decay=cfg["weight_decay"],
             weights=cfg["weights"],
             threshold=cfg["threshold"],
+            adaptive_threshold=cfg["adaptive_threshold"],
             weak_augment=cfg["weak_augment"],
             strong_augment=cfg["strong_augment"],
             cutout=cfg["cutout"],

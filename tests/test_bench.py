@@ -78,8 +78,9 @@ def test_every_step_builder_draws_as_many_images_as_it_declares():
         strong_augment=AUGMENT, cutout=4, generator=torch.Generator().manual_seed(0),
         centroids=[torch.zeros(10, 72)],
     )  # fmt: skip
-    x_l, _, x_weak, x_strong = consistency.draw()
+    x_l, _, x_weak, x_strong, unlabeled_idx = consistency.draw()
     assert len(x_l) + len(x_weak) + len(x_strong) == consistency.images == 4 + 2 * 8
+    assert len(unlabeled_idx) == len(x_weak)
 
     _, sgan, _ = small_sgan_step()
     x_l, _, x_u, z = sgan.draw()

@@ -14,6 +14,7 @@ from stages.lib.semi import (
     cluster_loss,
     consistency_loss,
     entropy_loss,
+    flexmatch_thresholds,
     pseudo_label_loss,
     random_cutout,
     train_consistency,
@@ -70,6 +71,24 @@ def test_pseudo_label_loss_uses_only_confident_weak_predictions_as_fixed_targets
     assert strong.grad[1].abs().sum() == 0 and strong.grad[0].abs().sum() > 0
 
 
+def test_pseudo_label_loss_takes_one_threshold_per_image():
+    weak = torch.tensor([[2.0, 0.0], [2.0, 0.0]])  # both 88% sure of class 0
+    strong = torch.zeros(2, 2)
+    _, confident = pseudo_label_loss(weak, strong, threshold=torch.tensor([0.95, 0.5]))
+    assert confident.item() == 0.5
+
+
+def test_flexmatch_thresholds_lower_the_bar_for_classes_rarely_predicted_confidently():
+    # Six images confidently class 0, two class 1, none class 2, two never confident.
+    confident_class = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, -1, -1])
+    bars = flexmatch_thresholds(0.9, confident_class, torch.tensor([0, 1, 2]), n_classes=3)
+    # Learning effects 6/6, 2/6, 0/6, mapped through x / (2 - x): 1, 0.2, 0.
+    assert bars.tolist() == pytest.approx([0.9, 0.18, 0.0])
+    # Warm-up: while most images were never confident, every class's bar stays low.
+    early = torch.tensor([0, 1, -1, -1, -1, -1, -1, -1, -1, -1])
+    assert flexmatch_thresholds(0.9, early, torch.tensor([0, 1]), n_classes=3).max() < 0.1
+
+
 def test_random_cutout_zeroes_one_square_per_image_and_is_seeded():
     x = torch.ones(64, 1, 28, 28)
     out = random_cutout(x, 10, torch.Generator().manual_seed(0))
@@ -93,7 +112,16 @@ def test_class_centroids_are_per_class_feature_means():
 WEIGHTS = {"cluster": 0.1, "consistency": 0.5, "entropy": 0.05, "pseudo_label": 1.0}
 
 
-def _train(seed: int = 0, *, weights=WEIGHTS, epochs: int = 3, ema_decay=0.9, model=None, **kw):
+def _train(
+    seed: int = 0,
+    *,
+    weights=WEIGHTS,
+    epochs: int = 3,
+    ema_decay=0.9,
+    threshold=0.5,
+    model=None,
+    **kw,
+):
     torch.manual_seed(seed)
     model = model or build_model("waterloo_cnn", channels=[8, 16, 16], hidden=32)
     x, y = synthetic_digits(20)
@@ -102,7 +130,7 @@ def _train(seed: int = 0, *, weights=WEIGHTS, epochs: int = 3, ema_decay=0.9, mo
     result = train_consistency(
         model, x, y, x_unlabeled,
         epochs=epochs, steps_per_epoch=6, batch_size=8, unlabeled_ratio=2, lr=0.003,
-        lr_schedule="cosine", weight_decay=0.0, weights=weights, threshold=0.5,
+        lr_schedule="cosine", weight_decay=0.0, weights=weights, threshold=threshold,
         weak_augment=AUGMENT, strong_augment=AUGMENT, cutout=6, ema_decay=ema_decay,
         device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed),
         x_val=x_val, y_val=y_val, **kw,
@@ -139,23 +167,58 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("weights", [WEIGHTS, {**WEIGHTS, "cluster": 0, "consistency": 0,
-                                                 "entropy": 0}])  # fmt: skip
-def test_training_is_deterministic_and_resumes_exactly(weights):
-    _, reference = _train(seed=1, weights=weights)
+def _stop_after_epoch_1(stats):
+    if stats["epoch"] == 1:
+        raise Interrupt
+
+
+FIXMATCH_ONLY = {**WEIGHTS, "cluster": 0, "consistency": 0, "entropy": 0}
+
+
+@pytest.mark.parametrize(
+    ("weights", "adaptive"), [(WEIGHTS, False), (FIXMATCH_ONLY, False), (FIXMATCH_ONLY, True)]
+)
+def test_training_is_deterministic_and_resumes_exactly(weights, adaptive):
+    # A low threshold, so that some images are confident within the first epoch.
+    kw = {"adaptive_threshold": adaptive, "threshold": 0.12}
+    _, reference = _train(seed=1, weights=weights, **kw)
     saved = []
 
-    def stop_after_epoch_1(stats):
-        if stats["epoch"] == 1:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        _train(seed=1, weights=weights, on_checkpoint=saved.append, on_epoch=stop_after_epoch_1)
+        _train(
+            seed=1, weights=weights, **kw, on_checkpoint=saved.append,
+            on_epoch=_stop_after_epoch_1,
+        )  # fmt: skip
     assert "ema" in saved[-1]
-    _, resumed = _train(seed=7, weights=weights, resume=saved[-1])
+    _, resumed = _train(seed=7, weights=weights, **kw, resume=saved[-1])
     assert resumed.history == reference.history
     for key, value in reference.last_state.items():
         assert torch.equal(resumed.last_state[key], value)
+
+
+def test_flexmatch_memory_is_part_of_the_training_state():
+    kw = {"weights": FIXMATCH_ONLY, "adaptive_threshold": True, "threshold": 0.12}
+    _, reference = _train(seed=1, **kw)
+    saved = []
+    with pytest.raises(Interrupt):
+        _train(seed=1, **kw, on_checkpoint=saved.append, on_epoch=_stop_after_epoch_1)
+    memory = saved[-1]["step_state"]["confident_class"]
+    assert (memory >= 0).any() and (memory == -1).any()
+    _, resumed = _train(seed=7, **kw, resume=saved[-1])
+    assert resumed.history == reference.history
+    # Without it the thresholds differ, and so does the run.
+    forgotten = {**saved[-1], "step_state": {"confident_class": torch.full_like(memory, -1)}}
+    _, wrong = _train(seed=7, **kw, resume=forgotten)
+    assert wrong.history != reference.history
+
+
+def test_adaptive_thresholds_admit_more_pseudo_labels_early_on():
+    _, fixed = _train(weights=FIXMATCH_ONLY, epochs=1)
+    _, adaptive = _train(weights=FIXMATCH_ONLY, epochs=1, adaptive_threshold=True)
+    assert (
+        adaptive.history[0]["train/confident_fraction"]
+        > fixed.history[0]["train/confident_fraction"]
+    )
 
 
 def test_a_nan_loss_stops_training_with_a_message():

@@ -236,12 +236,23 @@ def test_early_stopping_waits_patience_epochs_after_the_best_validation_epoch():
     assert result.best_epoch == 1 and len(result.history) == 3
 
 
-def test_an_interrupted_gan_run_resumes_to_the_same_result():
-    _, reference = _train(epochs=3)
+# FlexMatch pseudo-labels, with a low threshold so that its memory fills within the run.
+FLEXMATCH = {
+    "pseudo_label_weight": 1.0, "threshold": 0.12, "strong_augment": AUGMENT,
+    "adaptive_threshold": True,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("options", [{}, FLEXMATCH])
+def test_an_interrupted_gan_run_resumes_to_the_same_result(options):
+    _, reference = _train(epochs=3, **options)
     saved = []
     with pytest.raises(RuntimeError):
-        _train(epochs=3, on_checkpoint=saved.append, on_epoch=_stop_at(2))
-    _, resumed = _train(seed=7, epochs=3, resume=saved[-1])
+        _train(epochs=3, **options, on_checkpoint=saved.append, on_epoch=_stop_at(2))
+    if options:
+        memory = saved[-1]["step_state"]["confident_class"]
+        assert (memory >= 0).any() and len(memory) == 60
+    _, resumed = _train(seed=7, epochs=3, **options, resume=saved[-1])
     assert resumed.history == reference.history
     for key, value in reference.last_state.items():
         assert torch.equal(resumed.last_state[key], value)

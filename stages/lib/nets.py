@@ -135,6 +135,12 @@ class WaterlooCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def waterloo_config(section: dict[str, Any], n_classes: int) -> dict[str, Any]:
+    """`WaterlooCNN`'s arguments from a params section that sizes one (train_consistency,
+    retrain)."""
+    return {"n_classes": n_classes, **{k: section[k] for k in ("channels", "hidden", "batch_norm")}}
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "baseline_cnn": BaselineCNN,
     "mlp": MLP,

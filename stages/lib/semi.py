@@ -41,18 +41,60 @@ def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def pseudo_label_loss(
-    logits_weak: torch.Tensor, logits_strong: torch.Tensor, threshold: float
+    logits_weak: torch.Tensor, logits_strong: torch.Tensor, threshold: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FixMatch: cross-entropy of the strong view against the weak view's confident argmax.
 
     Returns the loss (averaged over the whole batch, so few confident images give a small
-    loss) and the fraction of images above `threshold`. No gradient flows into the target.
+    loss) and the fraction of images above `threshold` (a number, or one per image). No
+    gradient flows into the target.
     """
     probs = logits_weak.detach().softmax(1)
     confidence, target = probs.max(1)
     mask = (confidence >= threshold).float()
     loss = (F.cross_entropy(logits_strong, target, reduction="none") * mask).mean()
     return loss, mask.mean()
+
+
+def flexmatch_thresholds(
+    threshold: float, confident_class: torch.Tensor, predicted: torch.Tensor, n_classes: int
+) -> torch.Tensor:
+    """FlexMatch's class-adaptive thresholds (Zhang et al. 2021), one per image.
+
+    `confident_class` holds, for every unlabeled image, the class its weak view was last
+    predicted with confidence >= `threshold` (-1: never yet). A class's learning effect is
+    its count over the largest count, the never-confident images counted as one more
+    "class" (the paper's warm-up: early on every class is barely learnt and every bar low);
+    it is mapped through x / (2 - x) and scaled by `threshold`. So a class the model rarely
+    predicts confidently gets a lower bar, and its uncertain images still teach it instead
+    of drifting to a class that is learnt faster.
+    """
+    counts = torch.bincount(confident_class + 1, minlength=n_classes + 1)
+    learned = counts[1:].float() / counts.max()
+    return threshold * (learned / (2 - learned))[predicted]
+
+
+def flexmatch_pseudo_label_loss(
+    logits_weak: torch.Tensor,
+    logits_strong: torch.Tensor,
+    threshold: float,
+    confident_class: torch.Tensor,
+    image_idx: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pseudo_label_loss` with FlexMatch's per-class thresholds (`flexmatch_thresholds`).
+
+    `image_idx` are the batch's indices into the unlabeled set; the images predicted with
+    confidence >= `threshold` are recorded in `confident_class` (in place) for later steps.
+    """
+    confidence, predicted = logits_weak.detach().softmax(1).max(1)
+    bars = flexmatch_thresholds(threshold, confident_class, predicted, logits_weak.shape[1])
+    sure = confidence >= threshold
+    # amax: an image drawn twice in one batch gets one class, the same on every run (a
+    # plain indexed write leaves the order of duplicates undefined).
+    confident_class.scatter_reduce_(
+        0, image_idx[sure], predicted[sure], reduce="amax", include_self=False
+    )
+    return pseudo_label_loss(logits_weak, logits_strong, bars)
 
 
 def random_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -98,6 +140,7 @@ def consistency_step(
     generator: torch.Generator,
     teacher: nn.Module | None = None,
     centroids: list[torch.Tensor] | None = None,
+    adaptive_threshold: bool = False,
 ) -> Step:
     """One consistency step: `batch_size` labeled images (weakly augmented) and
     `unlabeled_ratio * batch_size` unlabeled ones, each in a weak and a strong view (a
@@ -107,13 +150,17 @@ def consistency_step(
     Pseudo-labels come from `teacher` (e.g. a moving average of `model`) when given, else
     from the model itself. `centroids` is a holder whose first item is the current class
     centroids of the labeled images, kept up to date by the caller; the cluster loss
-    (`weights["cluster"]` > 0) reads it.
+    (`weights["cluster"]` > 0) reads it. With `adaptive_threshold` the pseudo-labels use
+    FlexMatch's per-class thresholds (`flexmatch_thresholds`); the per-image memory they
+    need is `Step.state["confident_class"]`, part of the training state.
     """
     device = next(model.parameters()).device
     x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
     x_unlabeled = x_unlabeled.to(device)
     n_unlabeled = unlabeled_ratio * batch_size
     weak_needs_grad = any(weights[k] > 0 for k in ("cluster", "consistency", "entropy"))
+    # FlexMatch's memory: the class each unlabeled image was last confidently given, or -1.
+    confident_class = torch.full((len(x_unlabeled),), -1, dtype=torch.long, device=device)
 
     def draw() -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
@@ -124,10 +171,14 @@ def consistency_step(
         x_strong = random_cutout(
             random_affine(x_u, **strong_augment, generator=generator), cutout, generator
         )
-        return x_l, y_labeled[idx], x_weak, x_strong
+        return x_l, y_labeled[idx], x_weak, x_strong, uidx
 
     def loss(
-        x_l: torch.Tensor, y_l: torch.Tensor, x_weak: torch.Tensor, x_strong: torch.Tensor
+        x_l: torch.Tensor,
+        y_l: torch.Tensor,
+        x_weak: torch.Tensor,
+        x_strong: torch.Tensor,
+        uidx: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if weak_needs_grad:
             feats = model.features(torch.cat([x_l, x_weak, x_strong]))
@@ -165,7 +216,12 @@ def consistency_step(
             total = total + weights["entropy"] * loss_entropy
             stats["train/entropy"] = loss_entropy.item()
         if weights["pseudo_label"] > 0:
-            loss_pl, mask_rate = pseudo_label_loss(logits_target, logits_strong, threshold)
+            if adaptive_threshold:
+                loss_pl, mask_rate = flexmatch_pseudo_label_loss(
+                    logits_target, logits_strong, threshold, confident_class, uidx
+                )
+            else:
+                loss_pl, mask_rate = pseudo_label_loss(logits_target, logits_strong, threshold)
             total = total + weights["pseudo_label"] * loss_pl
             stats["train/pseudo_label"] = loss_pl.item()
             stats["train/confident_fraction"] = mask_rate.item()
@@ -173,7 +229,8 @@ def consistency_step(
         stats["train/accuracy"] = (logits_l.argmax(1) == y_l).float().mean().item()
         return total, stats
 
-    return Step(draw, loss, images=batch_size + 2 * n_unlabeled)
+    state = {"confident_class": confident_class} if adaptive_threshold else {}
+    return Step(draw, loss, images=batch_size + 2 * n_unlabeled, state=state)
 
 
 def train_consistency(
@@ -203,6 +260,7 @@ def train_consistency(
     on_epoch: EpochCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     resume: dict[str, Any] | None = None,
+    adaptive_threshold: bool = False,
 ) -> TrainResult:
     """Cross-entropy on labeled images plus weighted unlabeled losses (`consistency_step`).
 
@@ -215,7 +273,8 @@ def train_consistency(
     - `consistency`: MSE between weak- and strong-view probabilities (the report used the
       plain image and one fixed affine);
     - `entropy`: entropy of weak-view predictions (the report's term, with the sign fixed);
-    - `pseudo_label`: FixMatch's thresholded pseudo-label cross-entropy on the strong view.
+    - `pseudo_label`: FixMatch's thresholded pseudo-label cross-entropy on the strong view,
+      with FlexMatch's per-class thresholds when `adaptive_threshold`.
     A loss with weight 0 is not computed; when the weak view feeds no gradient-carrying
     loss it is forwarded without autograd, which saves about a third of the step.
     """
@@ -236,6 +295,7 @@ def train_consistency(
         batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, weights=weights,
         threshold=threshold, weak_augment=weak_augment, strong_augment=strong_augment,
         cutout=cutout, generator=generator, teacher=ema, centroids=centroids,
+        adaptive_threshold=adaptive_threshold,
     )  # fmt: skip
     return fit_steps(
         model,
@@ -247,6 +307,7 @@ def train_consistency(
         device=device,
         generator=generator,
         images_per_step=step.images,
+        step_state=step.state,
         lr_schedule=lr_schedule,
         ema_decay=ema_decay,
         ema=ema,

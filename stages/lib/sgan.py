@@ -27,7 +27,7 @@ from .config import PipelineError
 from .data import random_affine, to_input
 from .evaluation import eval_mode
 from .nets import ARCHITECTURES
-from .semi import pseudo_label_loss
+from .semi import flexmatch_pseudo_label_loss, pseudo_label_loss
 from .train import (
     CheckpointCallback,
     EpochCallback,
@@ -301,6 +301,7 @@ STEP_KEYS = (
     "pseudo_label_weight",
     "threshold",
     "strong_augment",
+    "adaptive_threshold",
 )
 
 
@@ -414,6 +415,7 @@ def sgan_step(
     pseudo_label_weight: float = 0.0,
     threshold: float = 0.95,
     strong_augment: dict[str, float] | None = None,
+    adaptive_threshold: bool = False,
 ) -> Step:
     """One SGAN step: `batch_size` labeled images (randomly augmented), and
     `unlabeled_batch_size` unlabeled images and as many generated ones. Its loss is the
@@ -422,13 +424,16 @@ def sgan_step(
     generator's feature-matching loss sees the discriminator's weights `frozen`.
     With `pseudo_label_weight` > 0 the discriminator also learns FixMatch's pseudo-labels
     (beyond the paper): a `strong_augment` view of each unlabeled image is classified as
-    the plain view's class where that is predicted with probability >= `threshold`."""
+    the plain view's class where that is predicted with probability >= `threshold`, or
+    FlexMatch's per-class bar with `adaptive_threshold` (its memory: `Step.state`)."""
     disc = model.discriminator
     device = model.device
     x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
     x_unlabeled = x_unlabeled.to(device)
     n_fake = unlabeled_batch_size
     pseudo_labels = pseudo_label_weight > 0
+    # FlexMatch's memory: the class each unlabeled image was last confidently given, or -1.
+    confident_class = torch.full((len(x_unlabeled),), -1, dtype=torch.long, device=device)
 
     def draw() -> tuple[Tensor, ...]:
         idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
@@ -446,10 +451,16 @@ def sgan_step(
             x_u,
             z,
             random_affine(x_u, **strong_augment, generator=generator),
+            uidx.to(device),
         )
 
     def loss(
-        x_l: Tensor, y_l: Tensor, x_u: Tensor, z: Tensor, x_strong: Tensor | None = None
+        x_l: Tensor,
+        y_l: Tensor,
+        x_u: Tensor,
+        z: Tensor,
+        x_strong: Tensor | None = None,
+        uidx: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         fake = model.generator(z)
         inputs = [x_l, x_u, fake.detach()] + ([x_strong] if pseudo_labels else [])
@@ -466,9 +477,14 @@ def sgan_step(
         total = loss_lab + unsupervised_weight * loss_unl + loss_gen
         extra = {}
         if pseudo_labels:
-            loss_pl, confident = pseudo_label_loss(
-                logits_u[:, :-1], logits_strong[0][:, :-1], threshold
-            )
+            if adaptive_threshold:
+                loss_pl, confident = flexmatch_pseudo_label_loss(
+                    logits_u[:, :-1], logits_strong[0][:, :-1], threshold, confident_class, uidx
+                )
+            else:
+                loss_pl, confident = pseudo_label_loss(
+                    logits_u[:, :-1], logits_strong[0][:, :-1], threshold
+                )
             total = total + pseudo_label_weight * loss_pl
             extra = {
                 "train/pseudo_label": loss_pl.item(),
@@ -486,7 +502,8 @@ def sgan_step(
                 "train/sample_std": fake.std(0).mean().item(),
             }
 
-    return Step(draw, loss, images=batch_size + unlabeled_batch_size + n_fake)
+    state = {"confident_class": confident_class} if adaptive_threshold else {}
+    return Step(draw, loss, images=batch_size + unlabeled_batch_size + n_fake, state=state)
 
 
 def train_sgan(
@@ -512,6 +529,7 @@ def train_sgan(
     pseudo_label_weight: float = 0.0,
     threshold: float = 0.95,
     strong_augment: dict[str, float] | None = None,
+    adaptive_threshold: bool = False,
     grid_z: Tensor | None = None,
     device: torch.device,
     generator: torch.Generator,
@@ -539,7 +557,7 @@ def train_sgan(
         unsupervised_weight=unsupervised_weight, augment=augment,
         augment_unlabeled=augment_unlabeled, generator=generator,
         pseudo_label_weight=pseudo_label_weight, threshold=threshold,
-        strong_augment=strong_augment,
+        strong_augment=strong_augment, adaptive_threshold=adaptive_threshold,
     )  # fmt: skip
     sample_std: list[float] = []
 
@@ -567,6 +585,7 @@ def train_sgan(
         device=device,
         generator=generator,
         images_per_step=step.images,
+        step_state=step.state,
         lr_schedule=lr_schedule,
         param_groups=[
             {"params": list(model.discriminator.parameters()), "lr": lr},

@@ -99,11 +99,13 @@ class Step:
     """A training step in two parts, so that the benchmark can time the model alone:
     `draw()` is the data path (draw indices, gather, convert and augment on the device),
     `loss(*batch)` the model's part (forward passes and losses). `images` is how many
-    images one step touches (labeled + unlabeled + generated)."""
+    images one step touches (labeled + unlabeled + generated); `state`, tensors the step
+    updates in place and a resumed run must get back (e.g. FlexMatch's per-image memory)."""
 
     draw: Callable[[], tuple[torch.Tensor, ...]]
     loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]
     images: int
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __call__(self, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         return self.loss(*self.draw())
@@ -120,6 +122,7 @@ def fit_steps(
     device: torch.device,
     generator: torch.Generator,
     images_per_step: int,
+    step_state: dict[str, torch.Tensor] | None = None,
     lr_schedule: str = "constant",
     param_groups: list[dict[str, Any]] | None = None,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -146,7 +149,8 @@ def fit_steps(
     `param_groups` (Adam groups, each with its own "lr") replace the single group of
     `model.parameters()` at `lr`. `on_epoch_end(epoch)` may add entries to the epoch's
     logged statistics: numbers go into the history, anything else (images) only to
-    `on_epoch`.
+    `on_epoch`. `step_state` (see `Step.state`) is saved with the checkpoint and
+    restored in place on resume.
     """
     # channels_last: PyTorch's CPU convolutions run about 1.5-2x faster in this layout
     # (training the Waterloo CNN on one core: 1,080 -> 2,010 images/s); neutral on CUDA.
@@ -170,6 +174,8 @@ def fit_steps(
         if ema is not None:
             ema.load_state_dict(resume["ema"])
         set_rng_state(generator, resume["rng"])
+        for name, tensor in (step_state or {}).items():
+            tensor.copy_(resume["step_state"][name])
         history = list(resume["history"])
         best_acc, best_epoch, best_state = resume["best"]
         first_epoch = resume["epoch"] + 1
@@ -210,6 +216,7 @@ def fit_steps(
                 "rng": rng_state(generator),
                 "history": list(history),
                 "best": (best_acc, best_epoch, best_state),
+                "step_state": {k: v.detach().cpu().clone() for k, v in (step_state or {}).items()},
             }
             if ema is not None:
                 state["ema"] = _state_copy(ema)
