@@ -10,6 +10,7 @@ import torch
 from stages.lib.data import NO_AUGMENT, to_input
 from stages.lib.nets import build_model
 from stages.lib.semi import (
+    PseudoLabelLoss,
     class_centroids,
     cluster_loss,
     consistency_loss,
@@ -87,6 +88,34 @@ def test_flexmatch_thresholds_lower_the_bar_for_classes_rarely_predicted_confide
     # Warm-up: while most images were never confident, every class's bar stays low.
     early = torch.tensor([0, 1, -1, -1, -1, -1, -1, -1, -1, -1])
     assert flexmatch_thresholds(0.9, early, torch.tensor([0, 1]), n_classes=3).max() < 0.1
+
+
+def test_fixmatch_pseudo_label_loss_keeps_no_memory():
+    loss = PseudoLabelLoss(0.95, adaptive=False, n_unlabeled=10, device=torch.device("cpu"))
+    assert loss.state == {}
+    weak = torch.tensor([[10.0, 0.0], [0.1, 0.0]])
+    strong = torch.tensor([[0.0, 0.0], [0.0, 5.0]])
+    value, confident = loss(weak, strong, torch.tensor([3, 4]))
+    expected, expected_confident = pseudo_label_loss(weak, strong, 0.95)
+    assert value == expected and confident == expected_confident
+
+
+def test_flexmatch_pseudo_label_loss_remembers_confident_images_and_lowers_slow_bars():
+    loss = PseudoLabelLoss(0.95, adaptive=True, n_unlabeled=6, device=torch.device("cpu"))
+    memory = loss.state["confident_class"]
+    assert memory.tolist() == [-1] * 6
+    # Images 0, 1 and 2 confidently class 0; image 5 drawn twice, unsure both times.
+    weak = torch.tensor([[9.0, 0.0], [9.0, 0.0], [9.0, 0.0], [0.0, 0.5], [0.0, 0.5]])
+    strong = torch.zeros(5, 2)
+    _, confident = loss(weak, strong, torch.tensor([0, 1, 2, 5, 5]))
+    assert memory.tolist() == [0, 0, 0, -1, -1, -1]
+    # Class 1 has no confident image yet: its bar is 0, so a 62%-sure class-1 image counts;
+    # class 0's bar is 0.95 * 1 (3 of 3), so a 62%-sure class-0 image does not.
+    assert confident.item() == 1.0
+    _, confident = loss(
+        torch.tensor([[0.5, 0.0], [0.0, 0.5]]), torch.zeros(2, 2), torch.tensor([3, 4])
+    )
+    assert confident.item() == 0.5
 
 
 def test_random_cutout_zeroes_one_square_per_image_and_is_seeded():

@@ -74,27 +74,42 @@ def flexmatch_thresholds(
     return threshold * (learned / (2 - learned))[predicted]
 
 
-def flexmatch_pseudo_label_loss(
-    logits_weak: torch.Tensor,
-    logits_strong: torch.Tensor,
-    threshold: float,
-    confident_class: torch.Tensor,
-    image_idx: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pseudo_label_loss` with FlexMatch's per-class thresholds (`flexmatch_thresholds`).
+class PseudoLabelLoss:
+    """The pseudo-label loss of a training run: FixMatch's one `threshold`, or with
+    `adaptive` FlexMatch's per-class thresholds (`flexmatch_thresholds`).
 
-    `image_idx` are the batch's indices into the unlabeled set; the images predicted with
-    confidence >= `threshold` are recorded in `confident_class` (in place) for later steps.
+    Called as `loss(logits_weak, logits_strong, image_idx)` like `pseudo_label_loss`;
+    `image_idx` are the batch's indices into the `n_unlabeled` unlabeled images. FlexMatch
+    remembers, per unlabeled image, the class its weak view was last predicted with
+    confidence >= `threshold` (-1: never yet): that memory is training state, exposed as
+    `state` for `Step(state=...)` (empty without `adaptive`).
     """
-    confidence, predicted = logits_weak.detach().softmax(1).max(1)
-    bars = flexmatch_thresholds(threshold, confident_class, predicted, logits_weak.shape[1])
-    sure = confidence >= threshold
-    # amax: an image drawn twice in one batch gets one class, the same on every run (a
-    # plain indexed write leaves the order of duplicates undefined).
-    confident_class.scatter_reduce_(
-        0, image_idx[sure], predicted[sure], reduce="amax", include_self=False
-    )
-    return pseudo_label_loss(logits_weak, logits_strong, bars)
+
+    def __init__(
+        self, threshold: float, *, adaptive: bool, n_unlabeled: int, device: torch.device
+    ) -> None:
+        self.threshold = threshold
+        self.state: dict[str, torch.Tensor] = {}
+        if adaptive:
+            self.state["confident_class"] = torch.full(
+                (n_unlabeled,), -1, dtype=torch.long, device=device
+            )
+
+    def __call__(
+        self, logits_weak: torch.Tensor, logits_strong: torch.Tensor, image_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.state:
+            return pseudo_label_loss(logits_weak, logits_strong, self.threshold)
+        memory = self.state["confident_class"]
+        confidence, predicted = logits_weak.detach().softmax(1).max(1)
+        bars = flexmatch_thresholds(self.threshold, memory, predicted, logits_weak.shape[1])
+        sure = confidence >= self.threshold
+        # amax: an image drawn twice in one batch gets one class, the same on every run (a
+        # plain indexed write leaves the order of duplicates undefined).
+        memory.scatter_reduce_(
+            0, image_idx[sure], predicted[sure], reduce="amax", include_self=False
+        )
+        return pseudo_label_loss(logits_weak, logits_strong, bars)
 
 
 def random_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -151,16 +166,17 @@ def consistency_step(
     from the model itself. `centroids` is a holder whose first item is the current class
     centroids of the labeled images, kept up to date by the caller; the cluster loss
     (`weights["cluster"]` > 0) reads it. With `adaptive_threshold` the pseudo-labels use
-    FlexMatch's per-class thresholds (`flexmatch_thresholds`); the per-image memory they
-    need is `Step.state["confident_class"]`, part of the training state.
+    FlexMatch's per-class thresholds (`PseudoLabelLoss`; its per-image memory is
+    `Step.state`, part of the training state).
     """
     device = next(model.parameters()).device
     x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
     x_unlabeled = x_unlabeled.to(device)
     n_unlabeled = unlabeled_ratio * batch_size
     weak_needs_grad = any(weights[k] > 0 for k in ("cluster", "consistency", "entropy"))
-    # FlexMatch's memory: the class each unlabeled image was last confidently given, or -1.
-    confident_class = torch.full((len(x_unlabeled),), -1, dtype=torch.long, device=device)
+    loss_pseudo_label = PseudoLabelLoss(
+        threshold, adaptive=adaptive_threshold, n_unlabeled=len(x_unlabeled), device=device
+    )
 
     def draw() -> tuple[torch.Tensor, ...]:
         idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
@@ -216,12 +232,7 @@ def consistency_step(
             total = total + weights["entropy"] * loss_entropy
             stats["train/entropy"] = loss_entropy.item()
         if weights["pseudo_label"] > 0:
-            if adaptive_threshold:
-                loss_pl, mask_rate = flexmatch_pseudo_label_loss(
-                    logits_target, logits_strong, threshold, confident_class, uidx
-                )
-            else:
-                loss_pl, mask_rate = pseudo_label_loss(logits_target, logits_strong, threshold)
+            loss_pl, mask_rate = loss_pseudo_label(logits_target, logits_strong, uidx)
             total = total + weights["pseudo_label"] * loss_pl
             stats["train/pseudo_label"] = loss_pl.item()
             stats["train/confident_fraction"] = mask_rate.item()
@@ -229,8 +240,7 @@ def consistency_step(
         stats["train/accuracy"] = (logits_l.argmax(1) == y_l).float().mean().item()
         return total, stats
 
-    state = {"confident_class": confident_class} if adaptive_threshold else {}
-    return Step(draw, loss, images=batch_size + 2 * n_unlabeled, state=state)
+    return Step(draw, loss, images=batch_size + 2 * n_unlabeled, state=loss_pseudo_label.state)
 
 
 def train_consistency(

@@ -27,7 +27,7 @@ from .config import PipelineError
 from .data import random_affine, to_input
 from .evaluation import eval_mode
 from .nets import ARCHITECTURES
-from .semi import flexmatch_pseudo_label_loss, pseudo_label_loss
+from .semi import PseudoLabelLoss
 from .train import (
     CheckpointCallback,
     EpochCallback,
@@ -425,15 +425,17 @@ def sgan_step(
     With `pseudo_label_weight` > 0 the discriminator also learns FixMatch's pseudo-labels
     (beyond the paper): a `strong_augment` view of each unlabeled image is classified as
     the plain view's class where that is predicted with probability >= `threshold`, or
-    FlexMatch's per-class bar with `adaptive_threshold` (its memory: `Step.state`)."""
+    FlexMatch's per-class bar with `adaptive_threshold` (`PseudoLabelLoss`; its memory:
+    `Step.state`)."""
     disc = model.discriminator
     device = model.device
     x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
     x_unlabeled = x_unlabeled.to(device)
     n_fake = unlabeled_batch_size
     pseudo_labels = pseudo_label_weight > 0
-    # FlexMatch's memory: the class each unlabeled image was last confidently given, or -1.
-    confident_class = torch.full((len(x_unlabeled),), -1, dtype=torch.long, device=device)
+    loss_pseudo_label = PseudoLabelLoss(
+        threshold, adaptive=adaptive_threshold, n_unlabeled=len(x_unlabeled), device=device
+    )
 
     def draw() -> tuple[Tensor, ...]:
         idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
@@ -477,14 +479,7 @@ def sgan_step(
         total = loss_lab + unsupervised_weight * loss_unl + loss_gen
         extra = {}
         if pseudo_labels:
-            if adaptive_threshold:
-                loss_pl, confident = flexmatch_pseudo_label_loss(
-                    logits_u[:, :-1], logits_strong[0][:, :-1], threshold, confident_class, uidx
-                )
-            else:
-                loss_pl, confident = pseudo_label_loss(
-                    logits_u[:, :-1], logits_strong[0][:, :-1], threshold
-                )
+            loss_pl, confident = loss_pseudo_label(logits_u[:, :-1], logits_strong[0][:, :-1], uidx)
             total = total + pseudo_label_weight * loss_pl
             extra = {
                 "train/pseudo_label": loss_pl.item(),
@@ -502,8 +497,8 @@ def sgan_step(
                 "train/sample_std": fake.std(0).mean().item(),
             }
 
-    state = {"confident_class": confident_class} if adaptive_threshold else {}
-    return Step(draw, loss, images=batch_size + unlabeled_batch_size + n_fake, state=state)
+    images = batch_size + unlabeled_batch_size + n_fake
+    return Step(draw, loss, images=images, state=loss_pseudo_label.state)
 
 
 def train_sgan(
