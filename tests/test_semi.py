@@ -109,9 +109,9 @@ def test_flexmatch_pseudo_label_loss_remembers_confident_images_and_lowers_slow_
     strong = torch.zeros(5, 2)
     _, confident = loss(weak, strong, torch.tensor([0, 1, 2, 5, 5]))
     assert memory.tolist() == [0, 0, 0, -1, -1, -1]
-    # Class 1 has no confident image yet: its bar is 0, so a 62%-sure class-1 image counts;
+    assert confident.item() == 1.0  # nothing was confident before: every bar was 0
+    # Now class 1 has no confident image: its bar is 0, so a 62%-sure class-1 image counts;
     # class 0's bar is 0.95 * 1 (3 of 3), so a 62%-sure class-0 image does not.
-    assert confident.item() == 1.0
     _, confident = loss(
         torch.tensor([[0.5, 0.0], [0.0, 0.5]]), torch.zeros(2, 2), torch.tensor([3, 4])
     )
