@@ -440,8 +440,9 @@ def sgan_step(
     def draw() -> tuple[Tensor, ...]:
         idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
         uidx = torch.randint(len(x_unlabeled), (unlabeled_batch_size,), generator=generator)
+        uidx = uidx.to(device)
         x_l = random_affine(to_input(x_labeled[idx]), **augment, generator=generator)
-        x_u = to_input(x_unlabeled[uidx.to(device)])
+        x_u = to_input(x_unlabeled[uidx])
         if augment_unlabeled:
             x_u = random_affine(x_u, **augment, generator=generator)
         z = sample_z(n_fake, model.generator.z_size, generator).to(device)
@@ -453,7 +454,7 @@ def sgan_step(
             x_u,
             z,
             random_affine(x_u, **strong_augment, generator=generator),
-            uidx.to(device),
+            uidx,
         )
 
     def loss(
