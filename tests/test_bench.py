@@ -100,7 +100,7 @@ def test_every_step_builder_draws_as_many_images_as_it_declares():
 def test_a_step_is_its_loss_on_its_draw():
     _, a = small_classifier_step(seed=3)
     _, b = small_classifier_step(seed=3)
-    loss_a, stats_a = a(1, 1)
+    loss_a, stats_a = a()
     loss_b, stats_b = b.loss(*b.draw())
     assert torch.equal(loss_a, loss_b) and stats_a == stats_b
 
@@ -109,11 +109,11 @@ def test_vae_kl_weight_warms_up_from_the_first_step():
     model, images = prepare(VAE(latent=3, hidden=[16]), CPU), synthetic_digits(20)[0]
     generator = torch.Generator().manual_seed(0)
     step = vae_step(model, images, batch_size=8, generator=generator, kl_warmup_steps=4)
-    assert [step(1, 1)[1]["train/kl_weight"] for _ in range(6)] == [0, 0.25, 0.5, 0.75, 1, 1]
+    assert [step()[1]["train/kl_weight"] for _ in range(6)] == [0, 0.25, 0.5, 0.75, 1, 1]
     resumed = vae_step(
         model, images, batch_size=8, generator=generator, kl_warmup_steps=4, first_step=2
     )
-    assert resumed(1, 1)[1]["train/kl_weight"] == 0.5
+    assert resumed()[1]["train/kl_weight"] == 0.5
 
 
 def test_measure_times_every_mode_with_the_step_image_count():

@@ -31,6 +31,29 @@ def test_waterloo_cnn_has_576_features_and_ten_logits():
     assert model(x).shape == (3, 10)
 
 
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_waterloo_cnn_pooling_before_relu_computes_the_reports_relu_then_pool(batch_norm):
+    # The blocks pool before the ReLU (cheaper); values and gradients must be those of the
+    # report's conv -> ReLU -> max-pool, bit for bit (saved models and runs stay the same).
+    model = build_model("waterloo_cnn", channels=[4, 8, 8], hidden=16, batch_norm=batch_norm)
+    layers = list(model.features)
+    pools = [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)]
+    assert len(pools) == 2 and all(isinstance(layers[i + 1], torch.nn.ReLU) for i in pools)
+    for i in pools:
+        layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    reports_order = torch.nn.Sequential(*layers)
+    x = to_input(synthetic_digits(16)[0])
+    outputs, grads = [], []
+    for features in (model.features, reports_order):
+        model.zero_grad()
+        out = model.classifier(features(x))
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert torch.equal(*outputs)
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
 def test_cluster_loss_is_the_mean_distance_to_the_nearest_centroid():
     centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
     features = torch.tensor([[3.0, 4.0], [10.0, 1.0]], requires_grad=True)

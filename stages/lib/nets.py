@@ -119,11 +119,14 @@ class WaterlooCNN(nn.Module):
             layers.append(nn.Conv2d(in_channels, out_channels, 3))
             if batch_norm:
                 layers.append(nn.BatchNorm2d(out_channels))
-            layers.append(nn.ReLU(inplace=True))
             in_channels, side = out_channels, side - 2
+            # Pool, then ReLU: the same values and gradients as the report's ReLU then pool
+            # (ReLU is non-decreasing, so it commutes with max), with the ReLU on a quarter
+            # of the elements.
             if i < len(channels) - 1:
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
+            layers.append(nn.ReLU(inplace=True))
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.classifier = nn.Sequential(
             nn.Linear(in_channels * side * side, hidden),

@@ -316,8 +316,6 @@ def train_consistency(
         weight_decay=weight_decay,
         device=device,
         generator=generator,
-        images_per_step=step.images,
-        step_state=step.state,
         lr_schedule=lr_schedule,
         ema_decay=ema_decay,
         ema=ema,

@@ -555,33 +555,25 @@ def train_sgan(
         pseudo_label_weight=pseudo_label_weight, threshold=threshold,
         strong_augment=strong_augment, adaptive_threshold=adaptive_threshold,
     )  # fmt: skip
-    sample_std: list[float] = []
 
-    def step_loss(epoch: int, step_in_epoch: int) -> tuple[Tensor, dict[str, float]]:
-        loss, stats = step(epoch, step_in_epoch)
-        sample_std.append(stats["train/sample_std"])
-        if step_in_epoch == steps_per_epoch:
-            epoch_std = sum(sample_std) / len(sample_std)
-            sample_std.clear()
-            if epoch_std < collapse_std:
-                raise GeneratorCollapsed(
-                    f"the generator collapsed: its samples' mean per-pixel std over epoch "
-                    f"{epoch} is {epoch_std:.4f} (< collapse_std {collapse_std}); lower "
-                    f"generator_lr or raise the noise (the last epoch's checkpoint is kept)"
-                )
-        return loss, stats
+    def end_of_epoch(epoch: int, stats: dict[str, float]) -> dict[str, Any]:
+        if stats["train/sample_std"] < collapse_std:
+            raise GeneratorCollapsed(
+                f"the generator collapsed: its samples' mean per-pixel std over epoch "
+                f"{epoch} is {stats['train/sample_std']:.4f} (< collapse_std {collapse_std}); "
+                f"lower generator_lr or raise the noise (the last epoch's checkpoint is kept)"
+            )
+        return {} if grid_z is None else {f"generated/{epoch}": generated_grid(model, grid_z)}
 
     return fit_steps(
         model,
-        step_loss,
+        step,
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         lr=lr,
         weight_decay=0.0,
         device=device,
         generator=generator,
-        images_per_step=step.images,
-        step_state=step.state,
         lr_schedule=lr_schedule,
         param_groups=[
             {"params": list(model.discriminator.parameters()), "lr": lr},
@@ -592,9 +584,7 @@ def train_sgan(
         patience=patience,
         x_val=x_val,
         y_val=y_val,
-        on_epoch_end=None
-        if grid_z is None
-        else lambda epoch: {f"generated/{epoch}": generated_grid(model, grid_z)},
+        on_epoch_end=end_of_epoch,
         on_epoch=on_epoch,
         on_checkpoint=on_checkpoint,
         resume=resume,

@@ -178,7 +178,6 @@ def train_vae(
         weight_decay=0.0,
         device=device,
         generator=generator,
-        images_per_step=step.images,
         lr_schedule=lr_schedule,
         on_epoch=on_epoch,
         on_checkpoint=on_checkpoint,
