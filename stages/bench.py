@@ -174,6 +174,7 @@ def consistency(s: Setup) -> Case:
         teacher=teacher,
         centroids=centroids,
         adaptive_threshold=cfg["adaptive_threshold"],
+        labeled_thicken=cfg["labeled_thicken"],
     )
     update = adam_update(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     n_unlabeled = len(split["unlabeled_idx"])

@@ -48,6 +48,7 @@ def main() -> None:
             weak_augment=cfg["weak_augment"],
             strong_augment=cfg["strong_augment"],
             cutout=cfg["cutout"],
+            labeled_thicken=cfg["labeled_thicken"],
             ema_decay=cfg["ema_decay"],
             teacher=cfg["teacher"],
             device=device,

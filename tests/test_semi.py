@@ -18,6 +18,7 @@ from stages.lib.semi import (
     flexmatch_thresholds,
     pseudo_label_loss,
     random_cutout,
+    random_thicken,
     train_consistency,
 )
 from stages.lib.train import TrainingDiverged
@@ -150,6 +151,20 @@ def test_random_cutout_zeroes_one_square_per_image_and_is_seeded():
     again = random_cutout(x, 10, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
     assert torch.equal(random_cutout(x, 0, torch.Generator()), x)
+
+
+def test_random_thicken_dilates_strokes_of_the_chosen_fraction_only():
+    x = torch.zeros(400, 1, 28, 28)
+    x[:, 0, 5:20, 14] = 1.0  # a one-pixel-wide vertical stroke
+    out = random_thicken(x, 0.5, torch.Generator().manual_seed(0))
+    ink = out.sum(dim=(1, 2, 3))
+    thick = ink > x[0].sum()
+    # A thickened stroke is 3 pixels wide and 2 pixels longer; the others are untouched.
+    assert torch.all(ink[thick] == 3 * 17) and torch.equal(out[~thick], x[~thick])
+    assert 0.4 < thick.float().mean() < 0.6
+    assert torch.equal(out, random_thicken(x, 0.5, torch.Generator().manual_seed(0)))
+    assert torch.equal(random_thicken(x, 0.0, torch.Generator()), x)
+    assert torch.all(random_thicken(x, 1.0, torch.Generator()).sum(dim=(1, 2, 3)) == 51)
 
 
 def test_class_centroids_are_per_class_feature_means():

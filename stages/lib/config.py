@@ -252,6 +252,7 @@ SCHEMA: dict[str, Any] = {
         "weak_augment": AUGMENT,
         "strong_augment": AUGMENT,
         "cutout": integer(minimum=0),
+        "labeled_thicken": number(0, 1),
     },
     "features": {
         "backbone": choice(("baseline", "sgan", "consistency")),

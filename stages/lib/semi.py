@@ -130,6 +130,15 @@ def random_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> tor
     return x.masked_fill(inside.unsqueeze(1), 0.0)
 
 
+def random_thicken(x: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Thicken the strokes of a random `fraction` of the images by a 3x3 grey-level
+    dilation (a max filter: each pixel takes its brightest neighbour); the rest unchanged."""
+    if fraction <= 0:
+        return x
+    chosen = (torch.rand(len(x), generator=generator) < fraction).to(x.device)
+    return torch.where(chosen.view(-1, 1, 1, 1), F.max_pool2d(x, 3, stride=1, padding=1), x)
+
+
 def class_centroids(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, n_classes: int, batch_size: int = 1000
 ) -> torch.Tensor:
@@ -156,6 +165,7 @@ def consistency_step(
     teacher: nn.Module | None = None,
     centroids: list[torch.Tensor] | None = None,
     adaptive_threshold: bool = False,
+    labeled_thicken: float = 0.0,
 ) -> Step:
     """One consistency step: `batch_size` labeled images (weakly augmented) and
     `unlabeled_ratio * batch_size` unlabeled ones, each in a weak and a strong view (a
@@ -167,7 +177,8 @@ def consistency_step(
     centroids of the labeled images, kept up to date by the caller; the cluster loss
     (`weights["cluster"]` > 0) reads it. With `adaptive_threshold` the pseudo-labels use
     FlexMatch's per-class thresholds (`PseudoLabelLoss`; its per-image memory is
-    `Step.state`, part of the training state).
+    `Step.state`, part of the training state). A `labeled_thicken` fraction of the labeled
+    images has its strokes thickened (`random_thicken`).
     """
     device = next(model.parameters()).device
     x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
@@ -182,6 +193,7 @@ def consistency_step(
         idx = torch.randint(len(x_labeled), (batch_size,), generator=generator).to(device)
         uidx = torch.randint(len(x_unlabeled), (n_unlabeled,), generator=generator).to(device)
         x_l = random_affine(to_input(x_labeled[idx]), **weak_augment, generator=generator)
+        x_l = random_thicken(x_l, labeled_thicken, generator)
         x_u = to_input(x_unlabeled[uidx])
         x_weak = random_affine(x_u, **weak_augment, generator=generator)
         x_strong = random_cutout(
@@ -271,10 +283,12 @@ def train_consistency(
     on_checkpoint: CheckpointCallback | None = None,
     resume: dict[str, Any] | None = None,
     adaptive_threshold: bool = False,
+    labeled_thicken: float = 0.0,
 ) -> TrainResult:
     """Cross-entropy on labeled images plus weighted unlabeled losses (`consistency_step`).
 
-    Each step draws `batch_size` labeled images (weakly augmented) and
+    Each step draws `batch_size` labeled images (weakly augmented, a `labeled_thicken`
+    fraction of them with thickened strokes) and
     `unlabeled_ratio * batch_size` unlabeled images, each seen in a weak and a strong view
     (a larger random affine plus cutout). One forward pass over the concatenated batch
     feeds every loss:
@@ -305,7 +319,7 @@ def train_consistency(
         batch_size=batch_size, unlabeled_ratio=unlabeled_ratio, weights=weights,
         threshold=threshold, weak_augment=weak_augment, strong_augment=strong_augment,
         cutout=cutout, generator=generator, teacher=ema, centroids=centroids,
-        adaptive_threshold=adaptive_threshold,
+        adaptive_threshold=adaptive_threshold, labeled_thicken=labeled_thicken,
     )  # fmt: skip
     return fit_steps(
         model,
