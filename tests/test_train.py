@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.lib.config import CEILINGS
-from stages.lib.data import NO_AUGMENT, random_affine, to_input
+from stages.lib.data import NO_AUGMENT, random_affine, random_cutout, random_thicken, to_input
 from stages.lib.evaluation import classification_metrics, confusion_matrix, results_markdown
 from stages.lib.io import load_training_state, run_fingerprint, save_training_state
 from stages.lib.nets import build_model
@@ -39,6 +39,31 @@ def test_random_affine_is_identity_at_zero_strength_and_seeded():
     a = random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(1))
     b = random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def test_random_cutout_zeroes_one_square_per_image_and_is_seeded():
+    x = torch.ones(64, 1, 28, 28)
+    out = random_cutout(x, 10, torch.Generator().manual_seed(0))
+    zeros = (out == 0).sum(dim=(1, 2, 3))
+    assert zeros.max() == 100 and zeros.min() > 0  # full square inside, clipped at edges
+    assert len(set(zeros.tolist())) > 1  # squares land in different places
+    again = random_cutout(x, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert torch.equal(random_cutout(x, 0, torch.Generator()), x)
+
+
+def test_random_thicken_dilates_strokes_of_the_chosen_fraction_only():
+    x = torch.zeros(400, 1, 28, 28)
+    x[:, 0, 5:20, 14] = 1.0  # a one-pixel-wide vertical stroke
+    out = random_thicken(x, 0.5, torch.Generator().manual_seed(0))
+    ink = out.sum(dim=(1, 2, 3))
+    thick = ink > x[0].sum()
+    # A thickened stroke is 3 pixels wide and 2 pixels longer; the others are untouched.
+    assert torch.all(ink[thick] == 3 * 17) and torch.equal(out[~thick], x[~thick])
+    assert 0.4 < thick.float().mean() < 0.6
+    assert torch.equal(out, random_thicken(x, 0.5, torch.Generator().manual_seed(0)))
+    assert torch.equal(random_thicken(x, 0.0, torch.Generator()), x)
+    assert torch.all(random_thicken(x, 1.0, torch.Generator()).sum(dim=(1, 2, 3)) == 51)
 
 
 def test_baseline_cnn_shapes_and_gradients():

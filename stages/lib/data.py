@@ -265,3 +265,30 @@ def affine_transform(
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Zero one `size` x `size` square at a random place in every image (batched, no loop).
+
+    The square's centre may sit anywhere, so near edges less than the full square is cut.
+    """
+    if size <= 0:
+        return x
+    n, _, h, w = x.shape
+    centre = torch.rand(n, 2, generator=generator) * torch.tensor([h, w])
+    centre = centre.to(x.device)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    inside = ((rows - centre[:, 0].view(n, 1, 1)).abs() < size / 2) & (
+        (cols - centre[:, 1].view(n, 1, 1)).abs() < size / 2
+    )
+    return x.masked_fill(inside.unsqueeze(1), 0.0)
+
+
+def random_thicken(x: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Thicken the strokes of a random `fraction` of the images by a 3x3 grey-level
+    dilation (a max filter: each pixel takes its brightest neighbour); the rest unchanged."""
+    if fraction <= 0:
+        return x
+    chosen = (torch.rand(len(x), generator=generator) < fraction).to(x.device)
+    return torch.where(chosen.view(-1, 1, 1, 1), F.max_pool2d(x, 3, stride=1, padding=1), x)

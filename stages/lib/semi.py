@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import random_affine, to_input
+from .data import random_affine, random_cutout, random_thicken, to_input
 from .evaluation import map_batches
 from .train import CheckpointCallback, EpochCallback, Step, TrainResult, fit_steps
 
@@ -110,33 +110,6 @@ class PseudoLabelLoss:
             0, image_idx[sure], predicted[sure], reduce="amax", include_self=False
         )
         return pseudo_label_loss(logits_weak, logits_strong, bars)
-
-
-def random_cutout(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero one `size` x `size` square at a random place in every image (batched, no loop).
-
-    The square's centre may sit anywhere, so near edges less than the full square is cut.
-    """
-    if size <= 0:
-        return x
-    n, _, h, w = x.shape
-    centre = torch.rand(n, 2, generator=generator) * torch.tensor([h, w])
-    centre = centre.to(x.device)
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
-    inside = ((rows - centre[:, 0].view(n, 1, 1)).abs() < size / 2) & (
-        (cols - centre[:, 1].view(n, 1, 1)).abs() < size / 2
-    )
-    return x.masked_fill(inside.unsqueeze(1), 0.0)
-
-
-def random_thicken(x: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """Thicken the strokes of a random `fraction` of the images by a 3x3 grey-level
-    dilation (a max filter: each pixel takes its brightest neighbour); the rest unchanged."""
-    if fraction <= 0:
-        return x
-    chosen = (torch.rand(len(x), generator=generator) < fraction).to(x.device)
-    return torch.where(chosen.view(-1, 1, 1, 1), F.max_pool2d(x, 3, stride=1, padding=1), x)
 
 
 def class_centroids(
