@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from .lib import sgan  # noqa: F401  (registers the SGAN's architectures with load_model)
 from .lib.attention import attention_figure, attention_maps, fixed_digits, last_conv
 from .lib.config import PipelineError, load_params, resolve_device, run_stage
 from .lib.data import to_input

@@ -57,8 +57,10 @@ from .lib.config import (
 from .lib.data import NO_AUGMENT, class_balanced_split
 from .lib.nets import build_model, waterloo_config
 from .lib.paths import METRICS_DIR, SPLIT_FILE, load_raw, load_split
+from .lib.semi import STEP_KEYS as CONSISTENCY_STEP_KEYS
 from .lib.semi import class_centroids, consistency_step
-from .lib.sgan import STEP_KEYS, build_sgan, sgan_step, unlabeled_indices
+from .lib.sgan import STEP_KEYS as SGAN_STEP_KEYS
+from .lib.sgan import build_sgan, sgan_step, unlabeled_indices
 from .lib.train import Step, classifier_step
 from .lib.vae import VAE, vae_step
 
@@ -163,18 +165,10 @@ def consistency(s: Setup) -> Case:
         x_l,
         y_l,
         x[split["unlabeled_idx"]],
-        batch_size=cfg["batch_size"],
-        unlabeled_ratio=cfg["unlabeled_ratio"],
-        weights=cfg["weights"],
-        threshold=cfg["threshold"],
-        weak_augment=cfg["weak_augment"],
-        strong_augment=cfg["strong_augment"],
-        cutout=cfg["cutout"],
         generator=s.generator,
         teacher=teacher,
         centroids=centroids,
-        adaptive_threshold=cfg["adaptive_threshold"],
-        labeled_thicken=cfg["labeled_thicken"],
+        **{key: cfg[key] for key in CONSISTENCY_STEP_KEYS},
     )
     update = adam_update(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     n_unlabeled = len(split["unlabeled_idx"])
@@ -213,7 +207,7 @@ def sgan(s: Setup, arch_cfg: dict[str, Any] | None = None, reference: bool = Fal
         x[labeled],
         y[labeled],
         x[unlabeled],
-        **{key: cfg[key] for key in STEP_KEYS},
+        **{key: cfg[key] for key in SGAN_STEP_KEYS},
         generator=s.generator,
     )
     update = adam_update(

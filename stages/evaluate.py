@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .lib import sgan  # noqa: F401  (registers the SGAN's architectures with load_model)
 from .lib.config import load_params, resolve_device, run_stage
 from .lib.evaluation import (
     classification_metrics,

@@ -15,7 +15,7 @@ from .lib.config import DATASET_CLASSES, load_params, resolve_device, run_stage,
 from .lib.nets import build_model, waterloo_config
 from .lib.paths import METRICS_DIR, load_raw, load_split, model_file
 from .lib.resume import fit_and_save
-from .lib.semi import train_consistency
+from .lib.semi import STEP_KEYS, train_consistency
 
 
 def main() -> None:
@@ -37,20 +37,12 @@ def main() -> None:
             data["x_train"][unlabeled],
             epochs=cfg["epochs"],
             steps_per_epoch=cfg["steps_per_epoch"],
-            batch_size=cfg["batch_size"],
-            unlabeled_ratio=cfg["unlabeled_ratio"],
             lr=cfg["lr"],
             lr_schedule=cfg["lr_schedule"],
             weight_decay=cfg["weight_decay"],
-            weights=cfg["weights"],
-            threshold=cfg["threshold"],
-            adaptive_threshold=cfg["adaptive_threshold"],
-            weak_augment=cfg["weak_augment"],
-            strong_augment=cfg["strong_augment"],
-            cutout=cfg["cutout"],
-            labeled_thicken=cfg["labeled_thicken"],
             ema_decay=cfg["ema_decay"],
             teacher=cfg["teacher"],
+            **{key: cfg[key] for key in STEP_KEYS},
             device=device,
             generator=generator,
             x_val=data["x_train"][val],

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import sgan  # noqa: F401  (registers the SGAN architectures with load_model)
 from .config import MODEL_PRODUCERS, PipelineError
 from .io import load_arrays, load_model
 

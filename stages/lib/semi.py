@@ -121,6 +121,20 @@ def class_centroids(
     return sums / torch.bincount(y, minlength=n_classes).clamp(min=1).unsqueeze(1).to(feats)
 
 
+# The train_consistency params that shape one step (`consistency_step`'s options).
+STEP_KEYS = (
+    "batch_size",
+    "unlabeled_ratio",
+    "weights",
+    "threshold",
+    "weak_augment",
+    "strong_augment",
+    "cutout",
+    "adaptive_threshold",
+    "labeled_thicken",
+)
+
+
 def consistency_step(
     model: nn.Module,
     x_labeled: torch.Tensor,
