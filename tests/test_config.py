@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from stages.lib import config
 from stages.lib.config import PipelineError, load_params, resolve_device, validate_params
 from stages.profile import apply_overrides
 from tests.conftest import REPO_ROOT
@@ -100,3 +101,45 @@ def test_an_ema_teacher_needs_a_moving_average():
     params["train_consistency"]["ema_decay"] = 0
     with pytest.raises(PipelineError, match="teacher is ema but ema_decay is 0"):
         validate_params(params)
+
+
+class FakeLibc:
+    """Stands in for the C library: records mallopt calls, answers `accept`."""
+
+    def __init__(self, accept: int = 1) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.accept = accept
+        self.mallopt = self._mallopt
+
+    def _mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.accept
+
+
+def test_keep_freed_memory_raises_glibcs_thresholds(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(config.ctypes, "CDLL", lambda name: libc)
+    assert config.keep_freed_memory() is True
+    # M_MMAP_THRESHOLD (-3) at glibc's 32 MiB maximum, M_TRIM_THRESHOLD (-1) at 1 GiB
+    assert libc.calls == [(-3, 32 << 20), (-1, 1 << 30)]
+    rejected = FakeLibc(accept=0)
+    monkeypatch.setattr(config.ctypes, "CDLL", lambda name: rejected)
+    assert config.keep_freed_memory() is False
+
+
+def test_keep_freed_memory_is_a_no_op_without_mallopt(monkeypatch):
+    monkeypatch.setattr(config.ctypes, "CDLL", lambda name: object())  # no mallopt (not glibc)
+    assert config.keep_freed_memory() is False
+
+    def no_library(name):
+        raise OSError("no C library")
+
+    monkeypatch.setattr(config.ctypes, "CDLL", no_library)
+    assert config.keep_freed_memory() is False
+
+
+def test_run_stage_keeps_freed_memory_before_the_stage_runs(monkeypatch):
+    order: list[str] = []
+    monkeypatch.setattr(config, "keep_freed_memory", lambda: order.append("malloc") or True)
+    config.run_stage(lambda: order.append("main"))
+    assert order == ["malloc", "main"]
