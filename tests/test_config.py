@@ -109,9 +109,8 @@ class FakeLibc:
     def __init__(self, accept: int = 1) -> None:
         self.calls: list[tuple[int, int]] = []
         self.accept = accept
-        self.mallopt = self._mallopt
 
-    def _mallopt(self, param: int, value: int) -> int:
+    def mallopt(self, param: int, value: int) -> int:
         self.calls.append((param, value))
         return self.accept
 
@@ -125,6 +124,7 @@ def test_keep_freed_memory_raises_glibcs_thresholds(monkeypatch):
     rejected = FakeLibc(accept=0)
     monkeypatch.setattr(config.ctypes, "CDLL", lambda name: rejected)
     assert config.keep_freed_memory() is False
+    assert rejected.calls == [(-3, 32 << 20)]  # no trim threshold without the mmap one
 
 
 def test_keep_freed_memory_is_a_no_op_without_mallopt(monkeypatch):

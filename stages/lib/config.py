@@ -72,6 +72,8 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError):  # no mallopt; Windows has no CDLL(None)
         return False
+    # The trim threshold only after the mmap one is accepted: setting either one fixes the
+    # other at its default, and a fixed 128 KiB mmap threshold alone made steps slower.
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
