@@ -49,6 +49,8 @@ def test_repository_params_and_profiles_are_valid():
         ("train_baseline.lr", 0, "train_baseline.lr must be a number > 0"),
         ("train_baseline.dropout", 1.5, "train_baseline.dropout must be a number >= 0 and <= 1"),
         ("train_baseline.augment.translate", 0.9, "augment.translate must be a number"),
+        ("train_baseline.augment.elastic", -1, "augment.elastic must be a number >= 0"),
+        ("train_baseline.augment.elastic_sigma", 0, "augment.elastic_sigma must be a number > 0"),
         ("evaluate.models", ["baseline", "magic"], "evaluate.models\\[1\\] must be one of"),
         ("download.datasets", [], "download.datasets must be a list of at least 1"),
         ("train_baseline", [1, 2], "train_baseline must be a mapping"),

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from stages.lib.config import CEILINGS
-from stages.lib.data import NO_AUGMENT, random_affine, random_cutout, random_thicken, to_input
+from stages.lib.data import (
+    NO_AUGMENT,
+    elastic_displacement,
+    random_affine,
+    random_cutout,
+    random_thicken,
+    to_input,
+)
 from stages.lib.evaluation import classification_metrics, confusion_matrix, results_markdown
 from stages.lib.io import load_training_state, run_fingerprint, save_training_state
 from stages.lib.nets import build_model
@@ -39,6 +46,45 @@ def test_random_affine_is_identity_at_zero_strength_and_seeded():
     a = random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(1))
     b = random_affine(x, **AUGMENT, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def test_elastic_distortion_is_off_by_default_and_draws_nothing_then():
+    # Off (elastic 0) must leave the random stream and so every earlier result unchanged.
+    x = to_input(synthetic_digits(4)[0])
+    g_plain, g_off = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    plain = random_affine(x, **AUGMENT, generator=g_plain)
+    off = random_affine(x, **AUGMENT, generator=g_off, elastic=0.0)
+    assert torch.equal(plain, off)
+    assert torch.equal(g_plain.get_state(), g_off.get_state())
+
+
+def test_elastic_distortion_alone_moves_strokes_smoothly_and_is_seeded():
+    x = to_input(synthetic_digits(8)[0])
+    a = random_affine(x, **NO_AUGMENT, generator=torch.Generator().manual_seed(3), elastic=34)
+    b = random_affine(x, **NO_AUGMENT, generator=torch.Generator().manual_seed(3), elastic=34)
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert (a - x).abs().amax(dim=(1, 2, 3)).min() > 0.05  # every image is distorted
+    # Ink is moved, not made: the total stays within a few percent.
+    assert torch.allclose(a.sum(dim=(1, 2, 3)), x.sum(dim=(1, 2, 3)), rtol=0.1)
+
+
+def test_elastic_displacement_scales_with_alpha_and_is_smooth():
+    def field(alpha: float, sigma: float) -> torch.Tensor:
+        return elastic_displacement(256, 28, 28, alpha, sigma, torch.Generator().manual_seed(4))
+
+    small, large = field(10, 4), field(40, 4)
+    assert small.shape == (256, 28, 28, 2)
+    assert torch.allclose(large, 4 * small, atol=1e-6)  # same draw, alpha only scales
+
+    # Neighbouring pixels move almost alike (smoothed), unlike raw per-pixel noise,
+    # and a wider Gaussian gives a smoother field.
+    def neighbour_correlation(d: torch.Tensor) -> float:
+        left, right = d[:, :, :-1].flatten(), d[:, :, 1:].flatten()
+        return float(torch.corrcoef(torch.stack([left, right]))[0, 1])
+
+    assert neighbour_correlation(field(10, 2)) > 0.8
+    assert neighbour_correlation(field(10, 4)) > neighbour_correlation(field(10, 2))
+    assert neighbour_correlation(field(10, 0.3)) < 0.5
 
 
 def test_random_cutout_zeroes_one_square_per_image_and_is_seeded():

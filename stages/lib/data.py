@@ -234,14 +234,19 @@ def random_affine(
     translate: float,
     scale: float,
     generator: torch.Generator | None = None,
+    elastic: float = 0.0,
+    elastic_sigma: float = 4.0,
 ) -> torch.Tensor:
-    """Apply an independent random rotation, scaling and shift to every image of a batch.
+    """Apply an independent random rotation, scaling and shift to every image of a batch,
+    and with `elastic` > 0 an elastic distortion (Simard et al. 2003): a random
+    displacement field smoothed by a Gaussian of `elastic_sigma` pixels and scaled by
+    `elastic` (their alpha, in pixels).
 
     `x` is float (N, C, H, W); `translate` is a fraction of the image size and `scale` the
     largest relative zoom. One `grid_sample` call transforms the whole batch on its device.
     """
     n = x.shape[0]
-    if n == 0 or (rotate_deg == 0 and translate == 0 and scale == 0):
+    if n == 0 or (rotate_deg == 0 and translate == 0 and scale == 0 and elastic == 0):
         return x
     # Draw on the generator's device (CPU by default) so results do not depend on the
     # accelerator, then move the (N, 2, 3) matrices: a few hundred bytes per batch.
@@ -250,20 +255,51 @@ def random_affine(
     angle = u[:, 0] * math.radians(rotate_deg)
     zoom = 1 + u[:, 1] * scale
     shift = u[:, 2:] * (2 * translate)  # affine_grid coordinates span [-1, 1]
-    return affine_transform(x, angle, zoom, shift)
+    displacement = None
+    if elastic > 0:
+        displacement = elastic_displacement(
+            n, x.shape[-2], x.shape[-1], elastic, elastic_sigma, generator
+        ).to(x.device)
+    return affine_transform(x, angle, zoom, shift, displacement)
+
+
+def elastic_displacement(
+    n: int, h: int, w: int, alpha: float, sigma: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """`n` smooth random displacement fields (N, H, W, 2) in affine_grid units: uniform
+    noise in [-1, 1] per pixel and axis, blurred by a Gaussian of `sigma` pixels (one
+    separable convolution for the whole batch) and scaled by `alpha` pixels."""
+    device = generator.device if generator else "cpu"
+    field = torch.rand(n * 2, 1, h, w, generator=generator, device=device) * 2 - 1
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=field.dtype, device=device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    field = F.conv2d(F.pad(field, (radius, radius, 0, 0)), kernel.view(1, 1, 1, -1))
+    field = F.conv2d(F.pad(field, (0, 0, radius, radius)), kernel.view(1, 1, -1, 1))
+    # Pixels to affine_grid units, whose [-1, 1] spans the width (x) and height (y).
+    scale = torch.tensor([2 * alpha / w, 2 * alpha / h], dtype=field.dtype, device=device)
+    return field.view(n, 2, h, w).permute(0, 2, 3, 1) * scale
 
 
 def affine_transform(
-    x: torch.Tensor, angle: torch.Tensor, zoom: torch.Tensor, shift: torch.Tensor
+    x: torch.Tensor,
+    angle: torch.Tensor,
+    zoom: torch.Tensor,
+    shift: torch.Tensor,
+    displacement: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotate (radians), zoom and shift (affine_grid units, (N, 2)) each image of a float
-    batch (N, C, H, W) by its own amounts, in one `grid_sample` call."""
+    batch (N, C, H, W) by its own amounts, then displace every sampling point by
+    `displacement` (N, H, W, 2) if given, in one `grid_sample` call."""
     angle, zoom, shift = angle.to(x.device), zoom.to(x.device), shift.to(x.device)
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack(
         [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
     )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if displacement is not None:
+        grid = grid + displacement
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
