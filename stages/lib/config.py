@@ -185,8 +185,9 @@ AUGMENT = {
     "translate": number(0, 0.5),
     "scale": number(0, 0.5),
 }
-# The baseline's augmentation may add an elastic distortion (alpha and sigma in pixels);
-# the semi-supervised trainers lost accuracy with it (README), so they do not offer it.
+# The baseline's augmentation may add an elastic distortion (alpha and sigma in pixels).
+# Only the baseline offers it: the SGAN lost accuracy with it, and the other trainers were
+# not measured with it (README).
 AUGMENT_ELASTIC = {**AUGMENT, "elastic": number(0), "elastic_sigma": number(0, open_low=True)}
 
 # The keys every step-based supervised or semi-supervised trainer shares.
