@@ -271,15 +271,21 @@ def elastic_displacement(
     separable convolution for the whole batch) and scaled by `alpha` pixels."""
     device = generator.device if generator else "cpu"
     field = torch.rand(n * 2, 1, h, w, generator=generator, device=device) * 2 - 1
-    radius = max(1, math.ceil(3 * sigma))
-    taps = torch.arange(-radius, radius + 1, dtype=field.dtype, device=device)
-    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    field = F.conv2d(F.pad(field, (radius, radius, 0, 0)), kernel.view(1, 1, 1, -1))
-    field = F.conv2d(F.pad(field, (0, 0, radius, radius)), kernel.view(1, 1, -1, 1))
+    field = gaussian_blur(field, sigma)
     # Pixels to affine_grid units, whose [-1, 1] spans the width (x) and height (y).
     scale = torch.tensor([2 * alpha / w, 2 * alpha / h], dtype=field.dtype, device=device)
     return field.view(n, 2, h, w).permute(0, 2, 3, 1) * scale
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of `sigma` pixels of a float batch (N, 1, H, W), zero
+    beyond the edges (the kernel reaches 3 sigma)."""
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0)), kernel.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius)), kernel.view(1, 1, -1, 1))
 
 
 def affine_transform(

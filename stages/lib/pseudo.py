@@ -6,13 +6,12 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.neighbors import KNeighborsClassifier
 from torch import nn
 
 from .config import PSEUDO_LABEL_RULES, PipelineError
-from .data import affine_transform, to_input
+from .data import affine_transform, gaussian_blur, to_input
 from .evaluation import eval_mode, map_batches
 
 
@@ -112,13 +111,6 @@ def kmeans_pseudo_labels(
 # --- robustness test sets ------------------------------------------------------------
 
 
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-(t**2) / (2 * sigma**2))
-    return kernel / kernel.sum()
-
-
 def robustness_sets(
     images: torch.Tensor, *, noise_std: float, rotate_deg: float, blur_sigma: float, seed: int
 ) -> dict[str, torch.Tensor]:
@@ -142,10 +134,7 @@ def robustness_sets(
         shift=torch.zeros(len(x), 2),
     )
 
-    kernel = _gaussian_kernel(blur_sigma)
-    pad = len(kernel) // 2
-    blurred = F.conv2d(F.pad(x, (pad, pad, 0, 0)), kernel.view(1, 1, 1, -1))
-    blurred = F.conv2d(F.pad(blurred, (0, 0, pad, pad)), kernel.view(1, 1, -1, 1))
+    blurred = gaussian_blur(x, blur_sigma)
 
     def to_uint8(t: torch.Tensor) -> torch.Tensor:
         return (t.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1)
