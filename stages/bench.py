@@ -252,6 +252,7 @@ def vae(s: Setup) -> Case:
         images,
         batch_size=cfg["batch_size"],
         generator=s.generator,
+        kl_weight=cfg["kl_weight"],
         kl_warmup_steps=cfg["kl_warmup_epochs"] * steps_per_epoch,
     )
     update = adam_update(model.parameters(), lr=cfg["lr"])

@@ -25,7 +25,9 @@ from .lib.paths import METRICS_DIR, PLOTS_DIR, load_raw, model_file
 from .lib.resume import fit_and_save
 from .lib.vae import VAE, encode_means, train_vae
 
-VAE_KEYS = ("latent", "hidden", "epochs", "batch_size", "lr", "lr_schedule", "kl_warmup_epochs")
+VAE_KEYS = (
+    "latent", "hidden", "epochs", "batch_size", "lr", "lr_schedule", "kl_weight", "kl_warmup_epochs"
+)  # fmt: skip
 N_SHOWN = 12  # images in the reconstruction plot
 N_PROJECTED = 5000  # training images in the latent plot
 
@@ -85,6 +87,7 @@ def main() -> None:
             batch_size=cfg["batch_size"],
             lr=cfg["lr"],
             lr_schedule=cfg["lr_schedule"],
+            kl_weight=cfg["kl_weight"],
             kl_warmup_epochs=cfg["kl_warmup_epochs"],
             device=device,
             generator=generator,

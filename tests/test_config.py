@@ -61,6 +61,7 @@ def test_repository_params_and_profiles_are_valid():
         ("features.backbone", "ceiling_cnn5", "features.backbone must be one of"),
         ("features.layer", "logits", "features.layer must be one of penultimate, conv, prob"),
         ("retrain.batch_norm", "yes", "retrain.batch_norm must be"),
+        ("vae_svm.kl_weight", 0, "vae_svm.kl_weight must be a number > 0"),
     ],
 )
 def test_bad_values_are_named(key, value, message):

@@ -80,6 +80,23 @@ def test_training_lowers_the_loss_and_warms_the_kl_weight_up():
     assert 0 < weights[0] < weights[1] < 1 and weights[2:] == [1.0] * 4
 
 
+def test_the_kl_weight_caps_the_warm_up_and_weights_the_kl_in_the_loss():
+    _, result = _train(seed=0, epochs=4, kl_warmup_epochs=2, kl_weight=0.25)
+    weights = [h["train/kl_weight"] for h in result.history]
+    assert 0 < weights[0] < weights[1] < 0.25 and weights[2:] == [0.25] * 2
+    last = result.history[-1]
+    assert last["train/loss"] == pytest.approx(last["train/bce"] + 0.25 * last["train/kl"])
+
+
+def test_a_lower_kl_weight_keeps_more_information_in_the_code():
+    # beta < 1 trades KL for reconstruction: the same run with beta 0.1 ends with a lower
+    # BCE and a larger KL (more information about each image in its latent code).
+    _, elbo = _train(seed=0, epochs=6)
+    _, beta = _train(seed=0, epochs=6, kl_weight=0.1)
+    assert beta.history[-1]["train/bce"] < elbo.history[-1]["train/bce"]
+    assert beta.history[-1]["train/kl"] > elbo.history[-1]["train/kl"]
+
+
 def test_training_is_deterministic_for_a_seed():
     _, a = _train(seed=5)
     _, b = _train(seed=5)

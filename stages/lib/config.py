@@ -312,6 +312,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": integer(minimum=1),
         "lr": number(0, open_low=True),
         "lr_schedule": choice(LR_SCHEDULES),
+        "kl_weight": number(0, open_low=True),
         "kl_warmup_epochs": number(0),
         "pool_size": integer(minimum=0),
         "standardize": boolean,

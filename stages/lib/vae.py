@@ -97,16 +97,17 @@ def vae_step(
     *,
     batch_size: int,
     generator: torch.Generator,
+    kl_weight: float = 1.0,
     kl_warmup_steps: float = 0.0,
     first_step: int = 0,
 ) -> Step:
     """One VAE step: the next `batch_size` images of a random order of `images` (drawn
     from `generator` whenever the last one is used up: one pass per epoch, its last batch
-    shorter), with fresh Gaussian noise from `generator`, and the negative ELBO.
+    shorter), with fresh Gaussian noise from `generator`, and the loss BCE + weighted KL.
 
-    The KL weight rises linearly from 0 to 1 over the first `kl_warmup_steps` steps (0 =
-    the plain ELBO from the start); the loss counts its calls from `first_step` (the steps
-    done before a resumed run), so it is a function of the step.
+    The KL weight rises linearly from 0 to `kl_weight` over the first `kl_warmup_steps`
+    steps (0 = `kl_weight` from the start; 1 is the plain ELBO); the loss counts its calls
+    from `first_step` (the steps done before a resumed run), so it is a function of the step.
     """
     device = next(model.parameters()).device
     images = images.to(device)
@@ -125,12 +126,12 @@ def vae_step(
 
     def loss(xb: Tensor, noise: Tensor) -> tuple[Tensor, dict[str, float]]:
         nonlocal done
-        kl_weight = min(1.0, done / kl_warmup_steps) if kl_warmup_steps else 1.0
+        weight = kl_weight * (min(1.0, done / kl_warmup_steps) if kl_warmup_steps else 1.0)
         done += 1
         logits, mean, logvar = model(xb, noise)
-        elbo, bce, kl = vae_loss(logits, xb, mean, logvar, kl_weight)
+        elbo, bce, kl = vae_loss(logits, xb, mean, logvar, weight)
         stats = {"train/loss": elbo.item(), "train/bce": bce.item(), "train/kl": kl.item()}
-        return elbo, {**stats, "train/kl_weight": kl_weight}
+        return elbo, {**stats, "train/kl_weight": weight}
 
     return Step(draw, loss, images=batch_size)
 
@@ -144,6 +145,7 @@ def train_vae(
     lr: float,
     device: torch.device,
     generator: torch.Generator,
+    kl_weight: float = 1.0,
     kl_warmup_epochs: float = 0.0,
     lr_schedule: str = "constant",
     on_epoch: EpochCallback | None = None,
@@ -152,11 +154,13 @@ def train_vae(
 ) -> TrainResult:
     """Unsupervised Adam training on uint8 images (N, H, W); no labels enter here.
 
-    Each epoch is one pass over the images in a seeded random order (`vae_step`). The KL
-    weight rises linearly from 0 to 1 over the first `kl_warmup_epochs` (0 = the plain
-    ELBO from the start): early on, the full KL pulls posteriors onto the prior before the
-    decoder has learned to use the code, which leaves latent units inactive. The weight and
-    the learning rate are functions of the step, so a resumed run follows the same curves.
+    Each epoch is one pass over the images in a seeded random order (`vae_step`). The loss
+    is BCE + `kl_weight` x KL (1 = the negative ELBO; below 1, Higgins et al.'s beta-VAE
+    with beta < 1: fewer latent units collapse onto the prior). The KL weight rises
+    linearly from 0 to `kl_weight` over the first `kl_warmup_epochs` (0 = no warm-up):
+    early on, the full KL pulls posteriors onto the prior before the decoder has learned
+    to use the code, which leaves latent units inactive. The weight and the learning rate
+    are functions of the step, so a resumed run follows the same curves.
     There is no validation set: the last epoch is kept.
     """
     model.to(device)
@@ -166,6 +170,7 @@ def train_vae(
         images,
         batch_size=batch_size,
         generator=generator,
+        kl_weight=kl_weight,
         kl_warmup_steps=kl_warmup_epochs * steps_per_epoch,
         first_step=resume["epoch"] * steps_per_epoch if resume is not None else 0,
     )
