@@ -25,9 +25,8 @@ from .lib.paths import METRICS_DIR, PLOTS_DIR, load_raw, model_file
 from .lib.resume import fit_and_save
 from .lib.vae import VAE, encode_means, train_vae
 
-VAE_KEYS = (
-    "latent", "hidden", "epochs", "batch_size", "lr", "lr_schedule", "kl_weight", "kl_warmup_epochs"
-)  # fmt: skip
+# vae_svm keys that are train_vae's arguments, passed through as they are.
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "kl_weight", "kl_warmup_epochs")
 N_SHOWN = 12  # images in the reconstruction plot
 N_PROJECTED = 5000  # training images in the latent plot
 
@@ -77,18 +76,14 @@ def main() -> None:
     pool = training_pool(data["y_train"], params["seed"], cfg["pool_size"])
     arch_config = {"latent": cfg["latent"], "hidden": cfg["hidden"]}
     model = VAE(**arch_config)
-    vae_cfg = {key: cfg[key] for key in VAE_KEYS}
+    train_cfg = {key: cfg[key] for key in TRAIN_KEYS}
+    vae_cfg = {**arch_config, **train_cfg}
     fit_and_save(
         partial(
             train_vae,
             model,
             data["x_train"][pool],
-            epochs=cfg["epochs"],
-            batch_size=cfg["batch_size"],
-            lr=cfg["lr"],
-            lr_schedule=cfg["lr_schedule"],
-            kl_weight=cfg["kl_weight"],
-            kl_warmup_epochs=cfg["kl_warmup_epochs"],
+            **train_cfg,
             device=device,
             generator=generator,
         ),
