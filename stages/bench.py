@@ -12,7 +12,7 @@ fed by a straightforward per-sample Dataset + DataLoader, the reference. Not a p
 stage: the figures depend on the machine.
 
 Repro: a copy of the repository as a fresh clone has it (a new git repository, profile
-applied), each stage run in pipeline order with `dvc repro --single-item`; wall time and
+applied), each stage run in pipeline order with `dvc repro --force --single-item`; wall time and
 peak memory per stage.
 """
 

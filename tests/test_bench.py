@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import stages.lib.bench as bench_lib
 from stages.bench import main, repro
 from stages.lib.bench import (
     NOT_COPIED,
@@ -22,6 +24,7 @@ from stages.lib.bench import (
     run_measured,
     sgan_reference_step,
     summarize,
+    time_stages,
     topological_order,
     update_json,
 )
@@ -228,6 +231,24 @@ def test_run_measured_reports_time_exit_status_and_the_peak_memory_of_descendant
     assert seconds > 0 and code == 0 and rss_mib >= 120
     _, _, code, output = run_measured([sys.executable, "-c", "print('hi'); exit(3)"], cwd=".")
     assert code == 3 and output.strip() == "hi"
+
+
+def test_time_stages_forces_every_stage_and_refuses_one_that_did_not_run(monkeypatch):
+    # A stage whose outputs git tracks is skipped as up to date when the stages before it
+    # reproduced bit for bit; timing that would report DVC's start-up as the stage's time.
+    calls = []
+
+    def fake_run(args, cwd):
+        calls.append(args)
+        ran = args[-1] == "train"
+        return 2.0, 50.0, 0, "Running stage 'train':" if ran else "Stage 'evaluate' didn't change"
+
+    monkeypatch.setattr(bench_lib, "run_measured", fake_run)
+    runs = []
+    with pytest.raises(PipelineError, match="stage evaluate did not run"):
+        time_stages(Path("."), ["train", "evaluate"], runs.append)
+    assert [run.stage for run in runs] == ["train"]
+    assert all(args[-3:-1] == ["--force", "--single-item"] for args in calls)
 
 
 def test_repro_refuses_to_keep_its_repository_in_an_existing_folder(tmp_path, capsys):
