@@ -365,6 +365,10 @@ def run_measured(args: list[str], cwd: Path) -> tuple[float, float, int, str]:
         return seconds, usage.ru_maxrss / 1024, proc.returncode, log.read()
 
 
+# What `dvc repro` prints before it runs a stage's command (absent when it skips the stage).
+RUNNING_STAGE = "Running stage"
+
+
 def time_stages(repo: Path, stages: list[str], on_stage: Callable[[StageRun], None]) -> None:
     """`dvc repro --force --single-item` each stage in turn, reporting each to `on_stage`.
     Forced: a stage whose outputs git tracks (evaluate's metrics, the plots) is otherwise
@@ -375,7 +379,7 @@ def time_stages(repo: Path, stages: list[str], on_stage: Callable[[StageRun], No
         seconds, rss, code, output = run_measured(args, repo)
         if code != 0:
             raise PipelineError(f"stage {stage} failed ({code}) in {repo}:\n{output[-3000:]}")
-        if "Running stage" not in output:
+        if RUNNING_STAGE not in output:
             raise PipelineError(f"stage {stage} did not run in {repo}:\n{output[-3000:]}")
         on_stage(StageRun(stage, round(seconds, 2), round(rss, 1)))
 
@@ -384,7 +388,7 @@ def time_noop_repro(repo: Path) -> float:
     """Wall time of a `dvc repro` that finds every stage up to date: DVC's own cost of
     checking the pipeline, part of every stage's time above."""
     seconds, _, code, output = run_measured([sys.executable, "-m", "dvc", "repro"], repo)
-    if code != 0 or "Running stage" in output:
+    if code != 0 or RUNNING_STAGE in output:
         raise PipelineError(f"the second dvc repro in {repo} was not a no-op:\n{output[-3000:]}")
     return seconds
 
