@@ -19,7 +19,6 @@ peak memory per stage.
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from .lib.bench import (
     Update,
     adam_update,
     device_name,
+    ema_copy,
     measure,
     prepare,
     repro_summary,
@@ -156,7 +156,7 @@ def consistency(s: Setup) -> Case:
     x, y = s.train_set()
     split = s.split()
     x_l, y_l = x[split["labeled_idx"]], y[split["labeled_idx"]]
-    teacher = prepare(copy.deepcopy(model), s.device).eval() if cfg["teacher"] == "ema" else None
+    teacher = ema_copy(model, s.device) if cfg["teacher"] == "ema" else None
     centroids = []
     if cfg["weights"]["cluster"] > 0:  # the trainer refreshes them once an epoch
         centroids = [class_centroids(model, x_l.to(s.device), y_l.to(s.device), s.n_classes)]
@@ -209,6 +209,7 @@ def sgan(s: Setup, arch_cfg: dict[str, Any] | None = None, reference: bool = Fal
         x[unlabeled],
         **{key: cfg[key] for key in SGAN_STEP_KEYS},
         generator=s.generator,
+        teacher=ema_copy(model, s.device).discriminator if cfg["teacher"] == "ema" else None,
     )
     update = adam_update(
         [

@@ -82,6 +82,7 @@ def main() -> None:
         ema_decay=cfg["ema_decay"],
         patience=cfg["patience"],
         collapse_std=cfg["collapse_std"],
+        teacher=cfg["teacher"],
         **{key: cfg[key] for key in STEP_KEYS},
         grid_z=grid_z,
         device=device,

@@ -57,6 +57,7 @@ def test_repository_params_and_profiles_are_valid():
         ("train_consistency.weights.entropy", -1, "weights.entropy must be a number >= 0"),
         ("train_consistency.threshold", 1.5, "threshold must be a number >= 0 and <= 1"),
         ("train_consistency.teacher", "oracle", "teacher must be one of student, ema"),
+        ("train_sgan.teacher", "ema_ish", "train_sgan.teacher must be one of student, ema"),
         ("pseudo_label.rule", "vote", "pseudo_label.rule must be one of knn, majority"),
         ("features.backbone", "ceiling_cnn5", "features.backbone must be one of"),
         ("features.layer", "logits", "features.layer must be one of penultimate, conv, prob"),
@@ -99,10 +100,11 @@ def test_auto_device_is_cpu_without_cuda():
     assert resolve_device("auto").type == expected
 
 
-def test_an_ema_teacher_needs_a_moving_average():
-    params = with_value("train_consistency.teacher", "ema")
-    params["train_consistency"]["ema_decay"] = 0
-    with pytest.raises(PipelineError, match="teacher is ema but ema_decay is 0"):
+@pytest.mark.parametrize("section", ["train_consistency", "train_sgan"])
+def test_an_ema_teacher_needs_a_moving_average(section):
+    params = with_value(f"{section}.teacher", "ema")
+    params[section]["ema_decay"] = 0
+    with pytest.raises(PipelineError, match=f"{section}.teacher is ema but ema_decay is 0"):
         validate_params(params)
 
 

@@ -22,6 +22,7 @@ from stages.lib.sgan import (
     frozen,
     image_grid,
     real_logit,
+    sgan_step,
     supervised_loss,
     train_sgan,
     unsupervised_loss,
@@ -243,19 +244,69 @@ FLEXMATCH = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("options", [{}, FLEXMATCH])
+# Pseudo-labels from the moving average (a mean teacher), which a resumed run must restore.
+MEAN_TEACHER = {
+    "pseudo_label_weight": 1.0, "threshold": 0.12, "strong_augment": AUGMENT, "teacher": "ema",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("options", [{}, FLEXMATCH, MEAN_TEACHER])
 def test_an_interrupted_gan_run_resumes_to_the_same_result(options):
     _, reference = _train(epochs=3, **options)
     saved = []
     with pytest.raises(RuntimeError):
         _train(epochs=3, **options, on_checkpoint=saved.append, on_epoch=_stop_at(2))
-    if options:
+    if options.get("adaptive_threshold"):
         memory = saved[-1]["step_state"]["confident_class"]
         assert (memory >= 0).any() and len(memory) == 60
     _, resumed = _train(seed=7, epochs=3, **options, resume=saved[-1])
     assert resumed.history == reference.history
     for key, value in reference.last_state.items():
         assert torch.equal(resumed.last_state[key], value)
+
+
+class ConstantTeacher(torch.nn.Module):
+    """Class logits that ignore the image; records the mode it was called in."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.training)
+        return self.logits.expand(len(x), -1)
+
+
+@pytest.mark.parametrize(
+    ("teacher_logits", "confident"), [([0.0] * 10, 0.0), ([0.0] * 3 + [20.0] + [0.0] * 6, 1.0)]
+)
+def test_a_teacher_gives_the_pseudo_labels_from_a_noisy_pass_without_gradient(
+    teacher_logits, confident
+):
+    torch.manual_seed(0)
+    x, y = synthetic_digits(30)
+    model = small_gan("conv", input_noise=0.1, hidden_noise=0.1)
+    teacher = ConstantTeacher(teacher_logits).eval()
+    step = sgan_step(
+        model, x[:10], y[:10], x, batch_size=10, unlabeled_batch_size=12,
+        unsupervised_weight=1.0, augment=AUGMENT, augment_unlabeled=True,
+        generator=torch.Generator().manual_seed(0), pseudo_label_weight=1.0, threshold=0.95,
+        strong_augment=AUGMENT, teacher=teacher,
+    )  # fmt: skip
+    loss, stats = step()
+    # Uniform teacher logits are never confident (no pseudo-label loss); a sure teacher
+    # labels every image class 3, whatever the discriminator itself predicts.
+    assert stats["train/confident_fraction"] == confident
+    assert (stats["train/pseudo_label"] > 0) == bool(confident)
+    assert teacher.modes == [True] and not teacher.training  # noise on, mode restored
+    loss.backward()
+    assert teacher.logits.grad is None
+
+
+def test_an_ema_teacher_without_a_moving_average_is_a_clear_error():
+    with pytest.raises(PipelineError, match="teacher: ema needs a moving average"):
+        _train(ema_decay=0.0, teacher="ema", **FLEXMATCH)
 
 
 def _stop_at(epoch: int):

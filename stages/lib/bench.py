@@ -18,6 +18,7 @@ the clock is read after a synchronisation.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -70,6 +71,12 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     """The model as `fit_steps` trains it: on `device`, `channels_last`, training mode.
     Build the model's Step after this: step builders put their data on the model's device."""
     return model.to(device, memory_format=torch.channels_last).train()
+
+
+def ema_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of `model` as `fit_steps` keeps its moving average (`channels_last`, eval
+    mode): the pseudo-label teacher of `teacher: ema`."""
+    return prepare(copy.deepcopy(model), device).eval()
 
 
 def adam_update(

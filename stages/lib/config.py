@@ -179,6 +179,8 @@ ATTENTION_METHODS = ("saliency", "grad_cam")
 # The SGAN's architectures and its two parameterisations of the "generated" class.
 SGAN_ARCHS = ("conv", "mlp")
 FAKE_LOGITS = ("explicit", "zero")
+# Where pseudo-labels come from: the trained weights (FixMatch) or their moving average.
+TEACHERS = ("student", "ema")
 
 AUGMENT = {
     "rotate_deg": number(0, 180),
@@ -260,6 +262,7 @@ SCHEMA: dict[str, Any] = {
         "adaptive_threshold": boolean,
         "strong_augment": AUGMENT,
         "ema_decay": number(0, 1),
+        "teacher": choice(TEACHERS),
         "patience": integer(minimum=0),
         "collapse_std": number(0),
         "grid_size": integer(minimum=1),
@@ -279,7 +282,7 @@ SCHEMA: dict[str, Any] = {
         "threshold": number(0, 1),
         "adaptive_threshold": boolean,
         "ema_decay": number(0, 1),
-        "teacher": choice(("student", "ema")),
+        "teacher": choice(TEACHERS),
         "weak_augment": AUGMENT,
         "strong_augment": AUGMENT,
         "cutout": integer(minimum=0),
@@ -394,12 +397,12 @@ def _check_combinations(params: dict[str, Any]) -> None:
             "params.yaml: train_sgan.conv.generator.channels needs exactly 2 entries (7x7 -> "
             "14x14 -> 28x28)"
         )
-    consistency = params["train_consistency"]
-    if consistency["teacher"] == "ema" and consistency["ema_decay"] == 0:
-        raise PipelineError(
-            "params.yaml: train_consistency.teacher is ema but ema_decay is 0 (no moving "
-            "average to teach with); set ema_decay > 0 (e.g. 0.99) or teacher: student"
-        )
+    for section in ("train_consistency", "train_sgan"):
+        if params[section]["teacher"] == "ema" and params[section]["ema_decay"] == 0:
+            raise PipelineError(
+                f"params.yaml: {section}.teacher is ema but ema_decay is 0 (no moving "
+                "average to teach with); set ema_decay > 0 (e.g. 0.99) or teacher: student"
+            )
 
 
 def validate_params(params: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ unsupervised loss needs.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -400,6 +401,19 @@ def data_dependent_init(model: nn.Module, x: Tensor) -> None:
             handle.remove()
 
 
+@torch.no_grad()
+def noisy_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """`model`'s class logits for `x` in training mode, without gradient. A teacher keeps
+    its Gaussian noise on: the same pass without noise, a cleaner target, measured worse
+    (its confident mistakes spread; README)."""
+    was_training = model.training
+    model.train()
+    try:
+        return model(x)
+    finally:
+        model.train(was_training)
+
+
 def sgan_step(
     model: SemiSupervisedGAN,
     x_labeled: Tensor,
@@ -416,6 +430,7 @@ def sgan_step(
     threshold: float = 0.95,
     strong_augment: dict[str, float] | None = None,
     adaptive_threshold: bool = False,
+    teacher: nn.Module | None = None,
 ) -> Step:
     """One SGAN step: `batch_size` labeled images (randomly augmented), and
     `unlabeled_batch_size` unlabeled images and as many generated ones. Its loss is the
@@ -426,7 +441,8 @@ def sgan_step(
     (beyond the paper): a `strong_augment` view of each unlabeled image is classified as
     the plain view's class where that is predicted with probability >= `threshold`, or
     FlexMatch's per-class bar with `adaptive_threshold` (`PseudoLabelLoss`; its memory:
-    `Step.state`)."""
+    `Step.state`). The plain view's class comes from the discriminator's own pass, or from
+    `teacher`'s (a moving average of the discriminator: a mean teacher) when given."""
     disc = model.discriminator
     device = model.device
     x_labeled, y_labeled = x_labeled.to(device), y_labeled.long().to(device)
@@ -480,7 +496,8 @@ def sgan_step(
         total = loss_lab + unsupervised_weight * loss_unl + loss_gen
         extra = {}
         if pseudo_labels:
-            loss_pl, confident = loss_pseudo_label(logits_u[:, :-1], logits_strong[0][:, :-1], uidx)
+            logits_weak = logits_u[:, :-1] if teacher is None else noisy_logits(teacher, x_u)
+            loss_pl, confident = loss_pseudo_label(logits_weak, logits_strong[0][:, :-1], uidx)
             total = total + pseudo_label_weight * loss_pl
             extra = {
                 "train/pseudo_label": loss_pl.item(),
@@ -526,6 +543,7 @@ def train_sgan(
     threshold: float = 0.95,
     strong_augment: dict[str, float] | None = None,
     adaptive_threshold: bool = False,
+    teacher: str = "student",
     grid_z: Tensor | None = None,
     device: torch.device,
     generator: torch.Generator,
@@ -541,12 +559,17 @@ def train_sgan(
     With `grid_z`, every epoch also logs `generated/<epoch>` (dvclive's image-slider
     pattern): the generator's images for that fixed noise, as one grid. A NaN/inf loss or
     a generator whose samples stop varying (mean per-pixel std over an epoch below
-    `collapse_std`) stops the run; the last epoch's checkpoint is kept.
+    `collapse_std`) stops the run; the last epoch's checkpoint is kept. `teacher`: where
+    the pseudo-labels come from, the discriminator itself (`student`) or the moving
+    average of its weights (`ema`, which needs `ema_decay` > 0).
     """
     model.to(device)
     if resume is None and any(hasattr(m, "parametrizations") for m in model.modules()):
         init_idx = torch.randint(len(x_unlabeled), (500,), generator=generator)
         data_dependent_init(model.discriminator, to_input(x_unlabeled[init_idx].to(device)))
+    ema = copy.deepcopy(model) if ema_decay > 0 else None
+    if teacher == "ema" and ema is None:
+        raise PipelineError("teacher: ema needs a moving average; set ema_decay > 0")
     step = sgan_step(
         model, x_labeled, y_labeled, x_unlabeled,
         batch_size=batch_size, unlabeled_batch_size=unlabeled_batch_size,
@@ -554,6 +577,7 @@ def train_sgan(
         augment_unlabeled=augment_unlabeled, generator=generator,
         pseudo_label_weight=pseudo_label_weight, threshold=threshold,
         strong_augment=strong_augment, adaptive_threshold=adaptive_threshold,
+        teacher=ema.discriminator if teacher == "ema" else None,
     )  # fmt: skip
 
     def end_of_epoch(epoch: int, stats: dict[str, float]) -> dict[str, Any]:
@@ -581,6 +605,7 @@ def train_sgan(
         ],
         betas=(beta1, 0.999),
         ema_decay=ema_decay,
+        ema=ema,
         patience=patience,
         x_val=x_val,
         y_val=y_val,
