@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from stages.lib.config import CEILINGS
 from stages.lib.data import (
@@ -17,7 +18,13 @@ from stages.lib.data import (
     random_thicken,
     to_input,
 )
-from stages.lib.evaluation import classification_metrics, confusion_matrix, results_markdown
+from stages.lib.evaluation import (
+    classification_metrics,
+    confusion_matrix,
+    eval_mode,
+    module_mode,
+    results_markdown,
+)
 from stages.lib.io import load_training_state, run_fingerprint, save_training_state
 from stages.lib.nets import build_model
 from stages.lib.train import TrainingDiverged, train_classifier
@@ -156,6 +163,17 @@ def test_training_is_deterministic_for_a_seed_and_keeps_the_best_epoch():
         assert torch.equal(a.last_state[key], b.last_state[key])
     val_acc = [h["val/accuracy"] for h in a.history]
     assert a.best_epoch == 1 + val_acc.index(max(val_acc))
+
+
+@pytest.mark.parametrize("start", [True, False])
+def test_module_mode_sets_every_submodule_and_restores_the_callers_mode_on_error(start):
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train(start)
+    for training, context in [(True, module_mode(model, True)), (False, eval_mode(model))]:
+        with pytest.raises(RuntimeError), context as inside:
+            assert inside is model
+            assert all(m.training == training for m in model.modules())
+            raise RuntimeError("the block fails")
+        assert all(m.training == start for m in model.modules())
 
 
 def test_metrics_and_confusion_matrix():

@@ -8,8 +8,6 @@ image, the gradient of each image's own logit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +17,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from .config import PipelineError
+from .evaluation import eval_mode
 
 
 def fixed_digits(labels: Tensor, n_per_class: int) -> Tensor:
@@ -65,17 +64,6 @@ def cam_layer(model: nn.Module) -> nn.Module:
     return conv
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Dropout off (deterministic maps, independent images); restore the caller's mode.
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @dataclass
 class AttentionMaps:
     logits: Tensor  # (N, classes)
@@ -111,7 +99,8 @@ def attention_maps(model: nn.Module, x: Tensor, *, cam: bool = True) -> Attentio
     hook = layer.register_forward_hook(keep_output) if layer is not None else None
     x = x.detach().clone().requires_grad_(True)
     try:
-        with _eval_mode(model), torch.enable_grad():
+        # Eval mode: dropout off, so the maps are deterministic and the images independent.
+        with eval_mode(model), torch.enable_grad():
             logits = model(x)
             score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
             # A ReLU module shared by every layer runs once per layer: the last call with

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -14,14 +14,19 @@ from .data import to_input
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put `model` in eval mode (dropout off, batch-norm statistics frozen), then restore."""
+def module_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Put `model` in training or eval mode for the block, then restore the caller's."""
     was_training = model.training
-    model.eval()
+    model.train(training)
     try:
         yield model
     finally:
         model.train(was_training)
+
+
+def eval_mode(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Eval mode (dropout and noise off, batch-norm statistics frozen) for the block."""
+    return module_mode(model, False)
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from .config import PipelineError
 from .data import random_affine, to_input
-from .evaluation import eval_mode
+from .evaluation import eval_mode, module_mode
 from .nets import ARCHITECTURES
 from .semi import PseudoLabelLoss
 from .train import (
@@ -406,12 +406,8 @@ def noisy_logits(model: nn.Module, x: Tensor) -> Tensor:
     """`model`'s class logits for `x` in training mode, without gradient. A teacher keeps
     its Gaussian noise on: the same pass without noise, a cleaner target, measured worse
     (its confident mistakes spread; README)."""
-    was_training = model.training
-    model.train()
-    try:
+    with module_mode(model, True):
         return model(x)
-    finally:
-        model.train(was_training)
 
 
 def sgan_step(
