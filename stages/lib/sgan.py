@@ -563,9 +563,10 @@ def train_sgan(
     if resume is None and any(hasattr(m, "parametrizations") for m in model.modules()):
         init_idx = torch.randint(len(x_unlabeled), (500,), generator=generator)
         data_dependent_init(model.discriminator, to_input(x_unlabeled[init_idx].to(device)))
-    ema = copy.deepcopy(model) if ema_decay > 0 else None
-    if teacher == "ema" and ema is None:
+    if teacher == "ema" and ema_decay == 0:
         raise PipelineError("teacher: ema needs a moving average; set ema_decay > 0")
+    # The teacher is the average `fit_steps` keeps (it makes its own copy otherwise).
+    ema = copy.deepcopy(model) if teacher == "ema" else None
     step = sgan_step(
         model, x_labeled, y_labeled, x_unlabeled,
         batch_size=batch_size, unlabeled_batch_size=unlabeled_batch_size,
@@ -573,7 +574,7 @@ def train_sgan(
         augment_unlabeled=augment_unlabeled, generator=generator,
         pseudo_label_weight=pseudo_label_weight, threshold=threshold,
         strong_augment=strong_augment, adaptive_threshold=adaptive_threshold,
-        teacher=ema.discriminator if teacher == "ema" else None,
+        teacher=ema.discriminator if ema is not None else None,
     )  # fmt: skip
 
     def end_of_epoch(epoch: int, stats: dict[str, float]) -> dict[str, Any]:
