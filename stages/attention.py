@@ -10,27 +10,20 @@ so each depends on exactly its own model.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from .lib import sgan  # noqa: F401  (registers the SGAN's architectures with load_model)
-from .lib.attention import attention_figure, attention_maps, fixed_digits, last_conv
-from .lib.config import PipelineError, load_params, resolve_device, run_stage
-from .lib.data import to_input
-from .lib.io import save_figure
-from .lib.paths import PLOTS_DIR, load_raw, load_trained
+from fewlabels.attention import attention_figure, attention_maps, fixed_digits, last_conv
+from fewlabels.checkpoint import load_trained
+from fewlabels.config import load_params, resolve_device, run_stage, stage_argument
+from fewlabels.data import to_input
+from fewlabels.io import save_figure
+from fewlabels.paths import PLOTS_DIR, load_raw
 
 
 def main() -> None:
     params = load_params()
     cfg = params["attention"]
-    if len(sys.argv) != 2 or sys.argv[1] not in cfg["models"]:
-        raise PipelineError(
-            f"usage: python -m stages.attention {{{','.join(cfg['models'])}}} "
-            f"(the models of attention.models)"
-        )
-    name = sys.argv[1]
+    name = stage_argument(cfg["models"], "a model of attention.models")
     device = resolve_device(params["device"])
     model, meta = load_trained(name, params["dataset"])
     grad_cam = "grad_cam" in cfg["methods"]

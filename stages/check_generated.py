@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 from matplotlib.figure import Figure
 
-from .lib.config import DATASET_CLASSES, load_params, resolve_device, run_stage
-from .lib.io import load_model, save_figure, write_json
-from .lib.paths import METRICS_DIR, PLOTS_DIR, SGAN_DIR, load_trained
-from .lib.sgan import classify_samples, sample_z
+from fewlabels.checkpoint import load_trained
+from fewlabels.config import DATASET_CLASSES, load_params, resolve_device, run_stage
+from fewlabels.evaluation import classify_samples
+from fewlabels.io import save_figure, write_json
+from fewlabels.models.sgan import sample_z
+from fewlabels.paths import METRICS_DIR, PLOTS_DIR
 
 
 def figure(
@@ -52,7 +54,7 @@ def main() -> None:
     params = load_params()
     cfg = params["check_generated"]
     device = resolve_device(params["device"])
-    generator, _ = load_model(SGAN_DIR / "generator.pt", "train_sgan")
+    generator, _ = load_trained("sgan", params["dataset"], part="generator")
     classifier, _ = load_trained(cfg["classifier"], params["dataset"])
     generator.to(device).eval()
     z = sample_z(cfg["n_samples"], generator.z_size, torch.Generator().manual_seed(params["seed"]))

@@ -7,10 +7,10 @@ leaves data/raw/ as it was.
 
 from __future__ import annotations
 
-from .lib.config import load_params, run_stage
-from .lib.data import fetch_dataset
-from .lib.io import save_arrays
-from .lib.paths import raw_file
+from fewlabels.config import load_params, run_stage
+from fewlabels.data import fetch_dataset
+from fewlabels.io import save_arrays
+from fewlabels.paths import raw_file
 
 
 def main() -> None:

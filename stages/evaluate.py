@@ -1,5 +1,8 @@
 """Stage evaluate: test-set accuracy and confusion matrix of every trained model.
 
+The models are every method's (`fewlabels.methods.evaluated_models`): the methods of
+params.yaml's `train`, the retrain, the ceilings and the VAE + SVM at each budget.
+
 Writes metrics/evaluate.json as {model: {"test_accuracy": ..., ...}} (fractions in 0..1),
 plots/confusion/<model>.csv (one row per test image) for DVC's confusion template, and the
 results table metrics/summary.md.
@@ -13,57 +16,20 @@ from typing import Any
 
 import torch
 
-from .lib import sgan  # noqa: F401  (registers the SGAN's architectures with load_model)
-from .lib.config import load_params, resolve_device, run_stage
-from .lib.evaluation import (
+from fewlabels.checkpoint import load_trained
+from fewlabels.config import load_params, resolve_device, run_stage
+from fewlabels.evaluation import (
     classification_metrics,
     predict_logits,
     results_markdown,
     robustness_figure,
     robustness_markdown,
 )
-from .lib.io import save_figure, write_json, write_text
-from .lib.paths import METRICS_DIR, PLOTS_DIR, load_raw, load_trained
-from .lib.pseudo import robustness_sets
-from .lib.svm import load_vae_svm
-
-# What each model is, for the results table.
-METHODS = {
-    "baseline": "supervised CNN, labeled images only",
-    "sgan": "SGAN: K+1 discriminator, feature-matching generator (best validation epoch)",
-    "sgan_last": "SGAN: the same run's last epoch (= sgan without a validation split)",
-    "consistency": "Waterloo CNN + unlabeled losses (thresholded pseudo-labels, EMA)",
-    "retrain": "CNN retrained on labeled + k-means pseudo-labeled images",
-    "ceiling_linear": "fully supervised ceiling: linear softmax",
-    "ceiling_fc256": "fully supervised ceiling: fully connected, 256 ReLU",
-    "ceiling_cnn4": "fully supervised ceiling: 4-layer CNN",
-    "ceiling_cnn5": "fully supervised ceiling: 5-layer CNN",
-    **{
-        f"vae_svm@{n}": "M1: VAE latent means (all images, no labels) + RBF SVM"
-        for n in (100, 600, 1000, 3000)
-    },
-}
-# Headline figures of the seed reports (floors to beat), by (dataset, labels used).
-REPORTED = {
-    "baseline": {("mnist", 100): ("SGAN report", 0.8273)},
-    "sgan": {("mnist", 100): ("SGAN report", 0.9782)},
-    # The Waterloo report gives 98.28% at 6000 labels and "95% plus" below 1% of labels.
-    "consistency": {("mnist", 6000): ("Waterloo report", 0.9828)},
-    # The k-means report: about 90% with 10% of the labels (6000).
-    "retrain": {("mnist", 6000): ("k-means report", 0.90)},
-    "ceiling_linear": {("mnist", 60000): ("CS229 report", 0.919)},
-    "ceiling_fc256": {("mnist", 60000): ("CS229 report", 0.978)},
-    "ceiling_cnn4": {("mnist", 60000): ("CS229 report", 0.986)},
-    "ceiling_cnn5": {("mnist", 60000): ("CS229 report", 0.994)},
-    # VAE report (Fashion-MNIST); MNIST 100: Kingma et al.'s M1 + TSVM, 11.82% error.
-    "vae_svm@100": {
-        ("fashion-mnist", 100): ("VAE report", 0.6482),
-        ("mnist", 100): ("Kingma et al. M1+TSVM", 0.8818),
-    },
-    "vae_svm@600": {("fashion-mnist", 600): ("VAE report", 0.7632)},
-    "vae_svm@1000": {("fashion-mnist", 1000): ("VAE report", 0.7647)},
-    "vae_svm@3000": {("fashion-mnist", 3000): ("VAE report", 0.7990)},
-}
+from fewlabels.io import save_figure, write_json, write_text
+from fewlabels.methods import evaluated_models
+from fewlabels.paths import METRICS_DIR, PLOTS_DIR, load_raw
+from fewlabels.pseudo import robustness_sets
+from fewlabels.svm import load_vae_svm
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,7 +61,8 @@ def main() -> None:
     cfg = params["evaluate"]
     device = resolve_device(params["device"])
 
-    datasets = {name: model_dataset(name, params) for name in cfg["models"]}
+    registry = evaluated_models(params)
+    datasets = {name: model_dataset(name, params) for name in registry}
     test_sets = {d: load_test_set(d, cfg["test_size"]) for d in datasets.values()}
     # Load every model first: a missing one stops the stage before anything is written.
     models = {
@@ -138,7 +105,9 @@ def main() -> None:
             for kind, images in corrupted[datasets[name]].items()
         }
     write_json(METRICS_DIR / "evaluate.json", results)
-    summary = results_markdown(results, METHODS, REPORTED)
+    descriptions = {name: entry["description"] for name, entry in registry.items()}
+    reported = {name: entry["reported"] for name, entry in registry.items()}
+    summary = results_markdown(results, descriptions, reported)
     summary += robustness_markdown(results, cfg["robustness"])
     write_text(METRICS_DIR / "summary.md", summary)
     save_figure(PLOTS_DIR / "robustness.png", robustness_figure(results))

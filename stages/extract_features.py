@@ -6,11 +6,11 @@ outputs are saved as float16 (half the disk, plenty for k-means) in data/feature
 
 from __future__ import annotations
 
-from .lib import sgan  # noqa: F401  (registers the SGAN's architectures with load_model)
-from .lib.config import load_params, resolve_device, run_stage
-from .lib.io import save_arrays
-from .lib.paths import FEATURES_FILE, load_raw, load_trained
-from .lib.pseudo import embedding_network, extract_features
+from fewlabels.checkpoint import load_trained
+from fewlabels.config import load_params, resolve_device, run_stage
+from fewlabels.io import save_arrays
+from fewlabels.paths import FEATURES_FILE, load_raw
+from fewlabels.pseudo import embedding_network, extract_features
 
 
 def main() -> None:

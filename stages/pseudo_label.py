@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lib.config import load_params, run_stage
-from .lib.io import load_arrays, save_arrays, write_json
-from .lib.paths import FEATURES_FILE, METRICS_DIR, PSEUDO_FILE, load_raw, load_split
-from .lib.pseudo import kmeans_pseudo_labels
+from fewlabels.config import load_params, number, run_stage
+from fewlabels.io import load_arrays, save_arrays, write_json
+from fewlabels.paths import FEATURES_FILE, METRICS_DIR, PSEUDO_FILE, load_raw, load_split
+from fewlabels.pseudo import kmeans_pseudo_labels
 
 
 def main() -> None:
     params = load_params()
     cfg = params["pseudo_label"]
+    # retrain's knob, read here only to report how many pseudo-labels it keeps.
+    min_confidence = params["retrain"].get("min_confidence")
+    number(0, 1)(min_confidence, "retrain.min_confidence")
     features = load_arrays(FEATURES_FILE, producer="extract_features")["train"].astype(np.float32)
     split = {k: v.numpy() for k, v in load_split().items()}
     y_train = load_raw(params["dataset"])["y_train"].numpy()
@@ -40,7 +43,7 @@ def main() -> None:
         confidence=result["confidence"],
     )
     right = result["label"] == y_train[unlabeled]
-    kept = result["confidence"] >= params["retrain"]["min_confidence"]
+    kept = result["confidence"] >= min_confidence
     metrics = {
         "n_pseudo_labeled": len(unlabeled),
         "hidden_label_accuracy": float(right.mean()),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .lib.config import load_params, run_stage
-from .lib.data import class_balanced_split
-from .lib.io import load_arrays, save_arrays, write_json
-from .lib.paths import METRICS_DIR, SPLIT_FILE, raw_file
+from fewlabels.config import load_params, run_stage
+from fewlabels.data import class_balanced_split
+from fewlabels.io import load_arrays, save_arrays, write_json
+from fewlabels.paths import METRICS_DIR, SPLIT_FILE, raw_file
 
 
 def main() -> None:

@@ -9,8 +9,6 @@ picture only, no model is fitted to those labels).
 
 from __future__ import annotations
 
-from functools import partial
-
 import matplotlib
 
 matplotlib.use("Agg")  # no display: figures go straight to files
@@ -18,15 +16,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .lib.config import load_params, resolve_device, run_stage, seed_everything
-from .lib.data import class_balanced_split, to_input
-from .lib.io import save_figure
-from .lib.paths import METRICS_DIR, PLOTS_DIR, load_raw, model_file
-from .lib.resume import fit_and_save
-from .lib.vae import VAE, encode_means, train_vae
+from fewlabels.config import load_params, resolve_device, run_stage, seed_everything
+from fewlabels.data import class_balanced_split, to_input
+from fewlabels.io import save_figure
+from fewlabels.methods import parse_method_config, vae
+from fewlabels.models.vae import VAE
+from fewlabels.paths import METRICS_DIR, PLOTS_DIR, load_raw, model_file
+from fewlabels.resume import RunRecord, fit_and_save
+from fewlabels.svm import encode_means
+from fewlabels.train import Run
 
-# vae_svm keys that are train_vae's arguments, passed through as they are.
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "lr_schedule", "kl_weight", "kl_warmup_epochs")
 N_SHOWN = 12  # images in the reconstruction plot
 N_PROJECTED = 5000  # training images in the latent plot
 
@@ -68,35 +67,25 @@ def plot_latent_pca(means: torch.Tensor, labels: torch.Tensor) -> plt.Figure:
 
 def main() -> None:
     params = load_params()
-    cfg = params["vae_svm"]
+    cfg = parse_method_config("vae", params)
     device = resolve_device(params["device"])
     generator = seed_everything(params["seed"])
 
-    data = load_raw(cfg["dataset"])
-    pool = training_pool(data["y_train"], params["seed"], cfg["pool_size"])
-    arch_config = {"latent": cfg["latent"], "hidden": cfg["hidden"]}
-    model = VAE(**arch_config)
-    train_cfg = {key: cfg[key] for key in TRAIN_KEYS}
-    vae_cfg = {**arch_config, **train_cfg}
-    fit_and_save(
-        partial(
-            train_vae,
-            model,
-            data["x_train"][pool],
-            **train_cfg,
-            device=device,
-            generator=generator,
-        ),
-        model=model,
-        model_path=model_file("vae"),
-        arch="vae",
-        arch_config=arch_config,
-        meta={"dataset": cfg["dataset"], "n_images": len(pool), "epochs": cfg["epochs"]},
-        run_config={"train": vae_cfg, "seed": params["seed"], "dataset": cfg["dataset"]},
-        data=[pool],
-        code_file=__file__,
+    data = load_raw(cfg.dataset)
+    pool = training_pool(data["y_train"], params["seed"], cfg.pool_size)
+    images = data["x_train"][pool].to(device)
+    model, parts = vae.build(cfg, n_classes=0)
+    model.to(device)
+    record = RunRecord(
+        config={"seed": params["seed"], "dataset": cfg.dataset, "vae": cfg.training()},
+        indices=[pool],
+        meta={"dataset": cfg.dataset, "n_images": len(pool)},
+        model_dir=model_file("vae").parent,
         live_dir=METRICS_DIR / "train_vae",
-        live_params={**vae_cfg, "dataset": cfg["dataset"]},
+    )
+    print(f"vae: {len(pool)} unlabeled {cfg.dataset} images, {cfg.epochs} epochs on {device}")
+    fit_and_save(
+        lambda run: vae.train(model, images, cfg, run), Run(device, generator), model, parts, record
     )
 
     model.cpu().eval()
@@ -107,7 +96,6 @@ def main() -> None:
     projected = pool[:N_PROJECTED]
     means = encode_means(model, x_train[projected], 1000, torch.device("cpu"))
     save_figure(PLOTS_DIR / "vae" / "latent_pca.png", plot_latent_pca(means, y_train[projected]))
-    print(f"vae: {len(pool)} unlabeled {cfg['dataset']} images on {device}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 import time
 
-from .lib.config import (
+from fewlabels.checkpoint import load_trained
+from fewlabels.config import (
     DATASET_CLASSES,
     PipelineError,
     check_budget,
@@ -21,11 +22,11 @@ from .lib.config import (
     resolve_device,
     run_stage,
 )
-from .lib.data import class_balanced_split
-from .lib.io import write_json
-from .lib.paths import METRICS_DIR, load_raw, load_trained, svm_file
-from .lib.svm import fit_rbf_svm, save_svm
-from .lib.vae import encode_means
+from fewlabels.data import class_balanced_split
+from fewlabels.io import write_json
+from fewlabels.methods import parse_method_config, vae
+from fewlabels.paths import METRICS_DIR, load_raw, svm_file
+from fewlabels.svm import encode_means, fit_rbf_svm, save_svm
 
 
 def main() -> None:
@@ -33,33 +34,33 @@ def main() -> None:
         raise PipelineError("usage: python -m stages.vae_svm <labels>, e.g. 100")
     n_labeled = int(sys.argv[1])
     params = load_params()
-    cfg = params["vae_svm"]
-    check_budget("labels", n_labeled, DATASET_CLASSES[cfg["dataset"]])
+    cfg: vae.Config = parse_method_config("vae", params)
+    check_budget("labels", n_labeled, DATASET_CLASSES[cfg.dataset])
     device = resolve_device(params["device"])
 
-    vae, _ = load_trained("vae", cfg["dataset"], producer="train_vae")
-    data = load_raw(cfg["dataset"])
+    encoder, _ = load_trained("vae", cfg.dataset)
+    data = load_raw(cfg.dataset)
     labeled = class_balanced_split(
-        data["y_train"].numpy(), n_labeled, 0, params["seed"], cfg["pool_size"]
+        data["y_train"].numpy(), n_labeled, 0, params["seed"], cfg.pool_size
     )["labeled_idx"]
     start = time.perf_counter()
-    features = encode_means(vae.to(device), data["x_train"][labeled], 1000, device).numpy()
+    features = encode_means(encoder.to(device), data["x_train"][labeled], 1000, device).numpy()
     svm, chosen = fit_rbf_svm(
         features,
         data["y_train"][labeled].numpy(),
-        c_grid=cfg["svm_c"],
-        gamma_grid=cfg["svm_gamma"],
-        standardize=cfg["standardize"],
-        max_folds=cfg["cv_folds"],
+        c_grid=cfg.svm_c,
+        gamma_grid=cfg.svm_gamma,
+        standardize=cfg.standardize,
+        max_folds=cfg.cv_folds,
         seed=params["seed"],
     )
-    meta = {"dataset": cfg["dataset"], "n_labeled": len(labeled), "n_val": 0}
+    meta = {"dataset": cfg.dataset, "n_labeled": len(labeled), "n_val": 0}
     save_svm(svm_file(n_labeled), svm, meta)
     seconds = time.perf_counter() - start
     # No timings in the file: the same params and seed must give the same metrics.
     write_json(METRICS_DIR / "vae_svm" / f"{n_labeled}.json", {**meta, **chosen})
     shown = ", ".join(f"{k}={v:.4g}" for k, v in chosen.items())
-    print(f"vae_svm@{n_labeled}: {len(labeled)} {cfg['dataset']} labels; {shown}; {seconds:.1f}s")
+    print(f"vae_svm@{n_labeled}: {len(labeled)} {cfg.dataset} labels; {shown}; {seconds:.1f}s")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.lib import data as data_lib
+from fewlabels import data as data_lib
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import nn
-
-from stages import attention as attention_stage
 from stages.lib.attention import (
     attention_figure,
     attention_maps,
@@ -24,6 +21,9 @@ from stages.lib.attention import (
 from stages.lib.config import PipelineError
 from stages.lib.io import save_arrays, save_checkpoint, save_figure
 from stages.lib.nets import build_model
+from torch import nn
+
+from stages import attention as attention_stage
 from tests.conftest import REPO_ROOT, make_tiny_dataset
 
 DEFAULTS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

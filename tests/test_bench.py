@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import stages.lib.bench as bench_lib
+import torch
 from stages.bench import main, repro
 from stages.lib.bench import (
     NOT_COPIED,
@@ -34,6 +33,7 @@ from stages.lib.semi import consistency_step
 from stages.lib.sgan import SemiSupervisedGAN, sgan_step
 from stages.lib.train import classifier_step
 from stages.lib.vae import VAE, vae_step
+
 from tests.conftest import AUGMENT, synthetic_digits
 
 CPU = torch.device("cpu")

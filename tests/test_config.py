@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from stages.lib import config
 from stages.lib.config import PipelineError, load_params, resolve_device, validate_params
 from stages.profile import apply_overrides
+
 from tests.conftest import REPO_ROOT
 
 DEFAULTS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from stages.lib.bench import NOT_COPIED, subprocess_env
+
 from tests.conftest import REPO_ROOT
 
 CEILING_STAGES = tuple(f"train_ceilings@{n}" for n in ("linear", "fc256", "cnn4", "cnn5"))

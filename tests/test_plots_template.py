@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from dvc_render import render_html
 from dvc_render.vega import VegaRenderer
-
 from stages.lib.config import PipelineError
 from stages.plots_template import LIBRARIES, TEMPLATE, Library, page, read_tarball
+
 from tests.conftest import REPO_ROOT
 
 # Any <script ...> tag that loads a file (inline scripts have no src).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from stages.lib.config import PipelineError
 from stages.lib.data import to_input
 from stages.lib.nets import build_model
@@ -15,6 +14,7 @@ from stages.lib.pseudo import (
     kmeans_pseudo_labels,
     robustness_sets,
 )
+
 from tests.conftest import synthetic_digits
 
 

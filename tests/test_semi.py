@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from stages.lib.data import NO_AUGMENT, to_input
 from stages.lib.nets import build_model
 from stages.lib.semi import (
@@ -20,6 +19,7 @@ from stages.lib.semi import (
     train_consistency,
 )
 from stages.lib.train import TrainingDiverged
+
 from tests.conftest import AUGMENT, synthetic_digits
 
 

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from stages.lib.config import PipelineError
 from stages.lib.data import to_input
 from stages.lib.pseudo import embedding_network
@@ -28,6 +27,7 @@ from stages.lib.sgan import (
     unsupervised_loss,
 )
 from stages.lib.train import TrainingDiverged
+
 from tests.conftest import AUGMENT, synthetic_digits
 
 SMALL = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from stages.lib.config import PipelineError
 from stages.lib.data import class_balanced_split
 

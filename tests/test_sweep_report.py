@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from stages.lib.config import PipelineError
 from stages.sweep_report import accuracy_by_labels, collect_runs, plot_sweep, sweep_markdown
 

@@ -7,8 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from stages.lib.config import CEILINGS
 from stages.lib.data import (
     NO_AUGMENT,
@@ -28,6 +26,8 @@ from stages.lib.evaluation import (
 from stages.lib.io import load_training_state, run_fingerprint, save_training_state
 from stages.lib.nets import build_model
 from stages.lib.train import TrainingDiverged, train_classifier
+from torch import nn
+
 from tests.conftest import AUGMENT, synthetic_digits
 
 

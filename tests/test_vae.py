@@ -7,14 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.distributions import Normal, kl_divergence
-
 from stages.lib.config import PipelineError
 from stages.lib.data import to_input
 from stages.lib.io import load_model, save_checkpoint
 from stages.lib.svm import cv_folds, fit_rbf_svm, load_svm, save_svm
 from stages.lib.train import TrainingDiverged
 from stages.lib.vae import VAE, encode_means, kl_to_standard_normal, train_vae, vae_loss
+from torch.distributions import Normal, kl_divergence
+
 from tests.test_train import Interrupt, synthetic_digits
 
 TINY = {"latent": 3, "hidden": [32, 16]}

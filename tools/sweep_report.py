@@ -2,7 +2,7 @@
 
     dvc exp run --queue -S 'labels=50,100,250,500,1000,2000,6000' -S 'seed=0,1,2'
     dvc queue start -j 1
-    python -m stages.sweep_report            # experiments of HEAD (or --rev REV)
+    python -m tools.sweep_report            # experiments of HEAD (or --rev REV)
 
 Reads `dvc exp show --json`, takes the baseline commit and its experiments, and keeps
 only runs whose params differ from the commit's in `labels` and `seed` alone. A run with
@@ -83,7 +83,7 @@ def sweep_markdown(table: dict[str, dict[int, dict[int, float]]], skipped: list[
         "# Test accuracy versus number of labels",
         "",
         "Mean over split seeds; each seed's figure in brackets. Made by "
-        "`python -m stages.sweep_report` from `dvc exp show`.",
+        "`python -m tools.sweep_report` from `dvc exp show`.",
         "",
         "| model | labels | seeds | mean test accuracy | per seed |",
         "|---|---:|---:|---:|---|",

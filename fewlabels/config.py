@@ -1,22 +1,30 @@
-"""Load and validate params.yaml once, before any stage does work.
+"""Load and validate params.yaml before any stage does work.
 
-Every stage calls `load_params()`; a bad value stops the stage with one line naming the
-key and the fix (see `run_stage`), instead of a traceback from deep inside a trainer.
+`load_params()` checks the shared keys and the sections of the non-training stages (the
+declarative `SCHEMA`); a training method's section is a typed config (a dataclass of
+`knob`s, beside the method in `fewlabels.methods`) that its stage reads with
+`parse_config`, so a stage imports, and depends on, only its own method's code. A bad value
+stops the stage with one line naming the key and the fix (see `run_stage`), never a
+traceback from deep inside a trainer.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import random
 import re
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import yaml
+
+from .errors import PipelineError
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -24,33 +32,9 @@ PARAMS_FILE = Path("params.yaml")
 # is read, so `labels: 105` fails at once rather than after the download stage.
 DATASET_CLASSES = {"mnist": 10, "fashion-mnist": 10}
 
-# The CS229 report's fully supervised classifiers: name -> (architecture, its settings).
-CEILINGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "linear": ("mlp", {"hidden": []}),
-    "fc256": ("mlp", {"hidden": [256]}),
-    "cnn4": ("cs229_cnn", {"channels": [32]}),
-    "cnn5": ("cs229_cnn", {"channels": [32, 64]}),
-}
-
-# Models `evaluate` can score (models/<name>/model.pt) and the stage that trains each.
-MODEL_PRODUCERS = {
-    "baseline": "train_baseline",
-    "consistency": "train_consistency",
-    "sgan": "train_sgan",
-    "sgan_last": "train_sgan",
-    "retrain": "retrain",
-    # The VAE report's label budgets (dvc.yaml's vae_svm matrix runs each of them).
-    **{f"vae_svm@{n}": f"vae_svm@{n}" for n in (100, 600, 1000, 3000)},
-    **{f"ceiling_{name}": f"train_ceilings@{name}" for name in CEILINGS},
-}
-
-
-class PipelineError(Exception):
-    """A problem the user can fix (bad params, bad data, missing inputs).
-
-    Stages print its message as one line and exit non-zero; anything else is a bug and
-    keeps its traceback.
-    """
+# Sections whose content a training method's typed config checks (`parse_config`):
+# `train` holds one section per method trained on the split (stage train@<method>).
+METHOD_SECTIONS = ("train", "train_ceilings", "retrain", "vae_svm")
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -75,6 +59,14 @@ def keep_freed_memory() -> bool:
     # The trim threshold only after the mmap one is accepted: setting either one fixes the
     # other at its default, and a fixed 128 KiB mmap threshold alone made steps slower.
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def stage_argument(choices: list[str] | tuple[str, ...], what: str) -> str:
+    """The one command-line argument of a foreach or matrix stage: one of `choices`."""
+    if len(sys.argv) != 2 or sys.argv[1] not in choices:
+        module = Path(sys.argv[0]).stem
+        raise PipelineError(f"usage: python -m stages.{module} {{{','.join(choices)}}} ({what})")
+    return sys.argv[1]
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -176,31 +168,94 @@ PSEUDO_LABEL_RULES = ("knn", "majority", "nearest_centroid")
 # Attention maps the `attention` stage can draw (grad_cam needs a conv layer).
 ATTENTION_METHODS = ("saliency", "grad_cam")
 
-# The SGAN's architectures and its two parameterisations of the "generated" class.
-SGAN_ARCHS = ("conv", "mlp")
-FAKE_LOGITS = ("explicit", "zero")
-# Where pseudo-labels come from: the trained weights (FixMatch) or their moving average.
-TEACHERS = ("student", "ema")
 
-AUGMENT = {
-    "rotate_deg": number(0, 180),
-    "translate": number(0, 0.5),
-    "scale": number(0, 0.5),
-}
-# The baseline's augmentation may add an elastic distortion (alpha and sigma in pixels).
-# Only the baseline offers it: the SGAN lost accuracy with it, and the other trainers were
-# not measured with it (README).
-AUGMENT_ELASTIC = {**AUGMENT, "elastic": number(0), "elastic_sigma": number(0, open_low=True)}
+# --- typed configs ---------------------------------------------------------------------
+# A method's section of params.yaml is a frozen dataclass whose fields are `knob`s (a
+# checker each) or nested configs. `parse_config` checks every key once, then builds it.
 
-# The keys every step-based supervised or semi-supervised trainer shares.
-TRAINING = {
-    "epochs": integer(minimum=1),
-    "steps_per_epoch": integer(minimum=1),
-    "batch_size": integer(minimum=1),
-    "lr": number(0, open_low=True),
-    "lr_schedule": choice(LR_SCHEDULES),
-    "weight_decay": number(0),
-}
+Config = TypeVar("Config")
+
+
+def knob(check: Callable[[Any, str], None], **kwargs: Any) -> Any:
+    """A dataclass field read from params.yaml and checked by `check(value, key)`."""
+    return dataclasses.field(metadata={"check": check}, **kwargs)
+
+
+def parse_config(cls: type[Config], section: Any, key: str) -> Config:
+    """The typed config `cls` of params.yaml's `section` (at dotted `key`), every value
+    checked; an unknown, missing or bad key stops with one line naming it."""
+    if not isinstance(section, dict):
+        raise PipelineError(f"params.yaml: {key} must be a mapping")
+    known = [f for f in dataclasses.fields(cls) if f.init]
+    for name in section:
+        if name not in {f.name for f in known}:
+            raise PipelineError(
+                f"params.yaml: unknown key {key}.{name}; known keys here: "
+                f"{', '.join(f.name for f in known)}"
+            )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for field in known:
+        if field.name not in section:
+            raise PipelineError(f"params.yaml: missing key {key}.{field.name}")
+        value, sub_key = section[field.name], f"{key}.{field.name}"
+        if dataclasses.is_dataclass(hints[field.name]):
+            values[field.name] = parse_config(hints[field.name], value, sub_key)
+        else:
+            field.metadata["check"](value, sub_key)
+            values[field.name] = value
+    config = cls(**values)
+    if hasattr(config, "check"):
+        config.check(key)
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """A random affine augmentation (`data.random_affine`), and optionally an elastic
+    distortion (Simard et al. 2003; alpha in pixels, 0 = off; sigma: its smoothing)."""
+
+    rotate_deg: float = knob(number(0, 180))
+    translate: float = knob(number(0, 0.5))
+    scale: float = knob(number(0, 0.5))
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticAffine(Affine):
+    """The baseline's augmentation: the affine plus Simard's elastic distortion. Only the
+    baseline offers it: the SGAN lost accuracy with it, and the other trainers were not
+    measured with it (docs)."""
+
+    elastic: float = knob(number(0))
+    elastic_sigma: float = knob(number(0, open_low=True))
+
+
+NO_AUGMENT = Affine(0.0, 0.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """The keys every step-based trainer shares (Adam, `steps_per_epoch` steps of
+    `batch_size` labeled images per epoch)."""
+
+    epochs: int = knob(integer(minimum=1))
+    steps_per_epoch: int = knob(integer(minimum=1))
+    batch_size: int = knob(integer(minimum=1))
+    lr: float = knob(number(0, open_low=True))
+    lr_schedule: str = knob(choice(LR_SCHEDULES))
+    weight_decay: float = knob(number(0))
+
+
+def check_teacher(teacher: str, ema_decay: float, key: str) -> None:
+    """A mean teacher needs a moving average to teach with."""
+    if teacher == "ema" and ema_decay == 0:
+        raise PipelineError(
+            f"params.yaml: {key}.teacher is ema but ema_decay is 0 (no moving average to "
+            "teach with); set ema_decay > 0 (e.g. 0.99) or teacher: student"
+        )
+
+
+# --- the shared keys and the non-training stages' sections -------------------------------
 
 SCHEMA: dict[str, Any] = {
     "seed": integer(minimum=0),
@@ -216,80 +271,8 @@ SCHEMA: dict[str, Any] = {
         "val_size": integer(minimum=0),
         "pool_size": integer(minimum=0),
     },
-    "train_baseline": {
-        **TRAINING,
-        "channels": list_of(integer(minimum=1), min_len=2),
-        "hidden": integer(minimum=1),
-        "dropout": number(0, 1),
-        "augment": AUGMENT_ELASTIC,
-    },
-    "train_ceilings": {
-        "batch_size": integer(minimum=1),
-        "steps_per_epoch": integer(minimum=0),  # 0 = one pass over the training set
-        "lr": number(0, open_low=True),
-        "lr_schedule": choice(LR_SCHEDULES),
-        "augment": AUGMENT,
-        "models": {name: {"epochs": integer(minimum=1), "augment": boolean} for name in CEILINGS},
-    },
-    "train_sgan": {
-        "arch": choice(SGAN_ARCHS),
-        "conv": {
-            "discriminator": {
-                "channels": list_of(integer(minimum=1), min_len=1),
-                "hidden": integer(minimum=1),
-            },
-            "generator": {"channels": list_of(integer(minimum=1), min_len=2)},
-        },
-        "mlp": {
-            "discriminator": {"hidden": list_of(integer(minimum=1), min_len=1)},
-            "generator": {"hidden": list_of(integer(minimum=1), min_len=1)},
-        },
-        **{key: rule for key, rule in TRAINING.items() if key != "weight_decay"},
-        "unlabeled_batch_size": integer(minimum=1),
-        "unlabeled_includes_labeled": boolean,
-        "generator_lr": number(0, open_low=True),
-        "beta1": number(0, 1),
-        "unsupervised_weight": number(0),
-        "fake_logit": choice(FAKE_LOGITS),
-        "feature_layer": integer(minimum=-1),
-        "z_size": integer(minimum=1),
-        "input_noise": number(0),
-        "hidden_noise": number(0),
-        "augment": AUGMENT,
-        "augment_unlabeled": boolean,
-        "pseudo_label_weight": number(0),
-        "threshold": number(0, 1),
-        "adaptive_threshold": boolean,
-        "strong_augment": AUGMENT,
-        "ema_decay": number(0, 1),
-        "teacher": choice(TEACHERS),
-        "patience": integer(minimum=0),
-        "collapse_std": number(0),
-        "grid_size": integer(minimum=1),
-    },
-    "train_consistency": {
-        **TRAINING,
-        "unlabeled_ratio": integer(minimum=1),
-        "channels": list_of(integer(minimum=1), min_len=3),
-        "hidden": integer(minimum=1),
-        "batch_norm": boolean,
-        "weights": {
-            "cluster": number(0),
-            "consistency": number(0),
-            "entropy": number(0),
-            "pseudo_label": number(0),
-        },
-        "threshold": number(0, 1),
-        "adaptive_threshold": boolean,
-        "ema_decay": number(0, 1),
-        "teacher": choice(TEACHERS),
-        "weak_augment": AUGMENT,
-        "strong_augment": AUGMENT,
-        "cutout": integer(minimum=0),
-        "labeled_thicken": number(0, 1),
-    },
     "features": {
-        "backbone": choice(("baseline", "sgan", "consistency")),
+        "backbone": string(),  # a method of `train` (checked in _check_combinations)
         "layer": choice(FEATURE_LAYERS),
         "batch_size": integer(minimum=1),
     },
@@ -299,32 +282,7 @@ SCHEMA: dict[str, Any] = {
         "n_init": integer(minimum=1),
         "n_neighbors": integer(minimum=1),
     },
-    "retrain": {
-        "min_confidence": number(0, 1),
-        **TRAINING,
-        "channels": list_of(integer(minimum=1), min_len=3),
-        "hidden": integer(minimum=1),
-        "batch_norm": boolean,
-        "augment": AUGMENT,
-    },
-    "vae_svm": {
-        "dataset": choice(tuple(DATASET_CLASSES)),
-        "latent": integer(minimum=1),
-        "hidden": list_of(integer(minimum=1), min_len=1),
-        "epochs": integer(minimum=1),
-        "batch_size": integer(minimum=1),
-        "lr": number(0, open_low=True),
-        "lr_schedule": choice(LR_SCHEDULES),
-        "kl_weight": number(0, open_low=True),
-        "kl_warmup_epochs": number(0),
-        "pool_size": integer(minimum=0),
-        "standardize": boolean,
-        "svm_c": list_of(number(0, open_low=True), min_len=1, unique=True),
-        "svm_gamma": list_of(number(0, open_low=True), min_len=1, unique=True),
-        "cv_folds": integer(minimum=2),
-    },
     "evaluate": {
-        "models": list_of(choice(tuple(MODEL_PRODUCERS)), min_len=1, unique=True),
         "batch_size": integer(minimum=1),
         "test_size": integer(minimum=0),
         "robustness": {
@@ -334,16 +292,12 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "check_generated": {
-        "classifier": choice(tuple(f"ceiling_{name}" for name in CEILINGS)),
+        "classifier": string(),  # ceiling_<a model of train_ceilings.models>
         "n_samples": integer(minimum=1),
     },
     "attention": {
-        # Gradients need a torch model: not the VAE + SVM ones.
-        "models": list_of(
-            choice(tuple(m for m in MODEL_PRODUCERS if not m.startswith("vae_svm@"))),
-            min_len=1,
-            unique=True,
-        ),
+        # Gradients need a torch model: any model but the VAE + SVM ones.
+        "models": list_of(string(), min_len=1, unique=True),
         "methods": list_of(choice(ATTENTION_METHODS), min_len=1, unique=True),
         "n_per_class": integer(minimum=1),
     },
@@ -385,29 +339,32 @@ def _check_budgets(params: dict[str, Any]) -> None:
 
 
 def _check_combinations(params: dict[str, Any]) -> None:
-    """Rules that tie two keys together."""
-    sgan = params["train_sgan"]
-    if sgan["feature_layer"] == 0:
+    """Rules that tie two sections together."""
+    methods = params["train"]
+    if params["features"]["backbone"] not in methods:
         raise PipelineError(
-            "params.yaml: train_sgan.feature_layer is 0; layers count from 1 (-1 = the last "
-            "hidden layer)"
+            f"params.yaml: features.backbone is {params['features']['backbone']!r}; use a "
+            f"method of train: {', '.join(methods)}"
         )
-    if sgan["arch"] == "conv" and len(sgan["conv"]["generator"]["channels"]) != 2:
+    ceilings = [f"ceiling_{name}" for name in params["train_ceilings"].get("models", {})]
+    if params["check_generated"]["classifier"] not in ceilings:
         raise PipelineError(
-            "params.yaml: train_sgan.conv.generator.channels needs exactly 2 entries (7x7 -> "
-            "14x14 -> 28x28)"
+            f"params.yaml: check_generated.classifier must be one of {', '.join(ceilings)}, "
+            f"got {params['check_generated']['classifier']!r}"
         )
-    for section in ("train_consistency", "train_sgan"):
-        if params[section]["teacher"] == "ema" and params[section]["ema_decay"] == 0:
-            raise PipelineError(
-                f"params.yaml: {section}.teacher is ema but ema_decay is 0 (no moving "
-                "average to teach with); set ema_decay > 0 (e.g. 0.99) or teacher: student"
-            )
 
 
 def validate_params(params: Any) -> dict[str, Any]:
-    """Check every key of params.yaml; raise PipelineError naming the first bad one."""
-    _validate(params, SCHEMA)
+    """Check the shared keys and the non-training sections; raise PipelineError naming the
+    first bad one. Each method's section is checked by its stage (`parse_config`), or all
+    of them at once by `fewlabels.methods.validate_methods`."""
+    if not isinstance(params, dict):
+        raise PipelineError("params.yaml: the file must be a mapping")
+    shared = {k: v for k, v in params.items() if k not in METHOD_SECTIONS}
+    _validate(shared, SCHEMA)
+    for section in METHOD_SECTIONS:
+        if not isinstance(params.get(section), dict) or not params[section]:
+            raise PipelineError(f"params.yaml: {section} must be a non-empty mapping")
     _check_budgets(params)
     _check_combinations(params)
     return params

@@ -6,8 +6,8 @@ dvc_render 1.0's page names, and has no `{scripts}` placeholder, so no remote sc
 gets into the page. `.dvc/config` points `plots.html_template` at it. Run this only to
 change the library versions:
 
-    python -m stages.plots_template              # `npm pack` the pinned versions
-    python -m stages.plots_template --from DIR   # tarballs already in DIR
+    python -m tools.plots_template              # `npm pack` the pinned versions
+    python -m tools.plots_template --from DIR   # tarballs already in DIR
 
 Each tarball must match its pinned npm integrity hash before anything is written.
 """
@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from .lib.config import PipelineError, run_stage
-from .lib.io import write_text
+from fewlabels.config import PipelineError, run_stage
+from fewlabels.io import write_text
 
 TEMPLATE_DIR = Path(".dvc/plots_offline")
 TEMPLATE = TEMPLATE_DIR / "page.html"
@@ -63,7 +63,7 @@ PAGE = """<!DOCTYPE html>
     {refresh_tag}
     <meta charset="utf-8">
     <title>DVC plots</title>
-    <!-- Written by `python -m stages.plots_template`: %CREDITS%, inlined so that the
+    <!-- Written by `python -m tools.plots_template`: %CREDITS%, inlined so that the
          page needs no network (BSD-3-Clause: see the LICENSE files beside this file). -->
 %SCRIPTS%
     <style>

@@ -1,12 +1,8 @@
-"""Model architectures. Pure nn.Modules: no I/O, no data handling."""
+"""The classifiers of the seed reports. Pure nn.Modules: no I/O, no training code."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
-
-from .config import PipelineError
 
 
 class BaselineCNN(nn.Module):
@@ -136,23 +132,3 @@ class WaterlooCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
-
-
-def waterloo_config(section: dict[str, Any], n_classes: int) -> dict[str, Any]:
-    """`WaterlooCNN`'s arguments from a params section that sizes one (train_consistency,
-    retrain)."""
-    return {"n_classes": n_classes, **{k: section[k] for k in ("channels", "hidden", "batch_norm")}}
-
-
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "baseline_cnn": BaselineCNN,
-    "mlp": MLP,
-    "cs229_cnn": CS229CNN,
-    "waterloo_cnn": WaterlooCNN,
-}
-
-
-def build_model(arch: str, **config: Any) -> nn.Module:
-    if arch not in ARCHITECTURES:
-        raise PipelineError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch](**config)

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from .config import MODEL_PRODUCERS, PipelineError
-from .io import load_arrays, load_model
+from .io import load_arrays
 
 RAW_DIR = Path("data/raw")
 SPLIT_FILE = Path("data/split/split.npz")
@@ -24,16 +22,23 @@ def raw_file(dataset: str) -> Path:
     return RAW_DIR / f"{dataset}.npz"
 
 
-# The SGAN's discriminators (best and last epoch) are its classifiers.
-SGAN_DIR = MODELS_DIR / "sgan"
-CLASSIFIER_FILES = {
-    "sgan": SGAN_DIR / "discriminator.pt",
-    "sgan_last": SGAN_DIR / "discriminator_last.pt",
-}
+OWN_STAGES = {"retrain": "retrain", "vae": "train_vae"}
 
 
-def model_file(name: str) -> Path:
-    return CLASSIFIER_FILES.get(name, MODELS_DIR / name / "model.pt")
+def model_file(name: str, part: str = "model") -> Path:
+    """Model `name`'s checkpoint: models/<name>/<part>.pt; `<method>_last` names the
+    last epoch of a method whose `<method>` is its best epoch on validation."""
+    if name.endswith("_last"):
+        return MODELS_DIR / name.removesuffix("_last") / f"{part}_last.pt"
+    return MODELS_DIR / name / f"{part}.pt"
+
+
+def producer(name: str) -> str:
+    """The stage that writes model `name`."""
+    name = name.removesuffix("_last")
+    if name.startswith("ceiling_"):
+        return f"train_ceilings@{name.removeprefix('ceiling_')}"
+    return OWN_STAGES.get(name, f"train@{name}")
 
 
 def svm_file(labels: int) -> Path:
@@ -53,20 +58,3 @@ def load_raw(dataset: str) -> dict[str, torch.Tensor]:
 def load_split() -> dict[str, torch.Tensor]:
     """labeled_idx, val_idx, unlabeled_idx into the training set."""
     return {k: torch.from_numpy(v) for k, v in load_arrays(SPLIT_FILE, producer="split").items()}
-
-
-def check_dataset(path: Path, meta: dict, dataset: str) -> None:
-    """Stop when the model at `path` was trained on another dataset than `dataset`."""
-    if meta["dataset"] != dataset:
-        raise PipelineError(
-            f"{path} was trained on {meta['dataset']}, but dataset is "
-            f"{dataset}; run `dvc repro` to retrain it"
-        )
-
-
-def load_trained(name: str, dataset: str, producer: str | None = None) -> tuple[nn.Module, dict]:
-    """Model `name` (made by `producer`, by default its MODEL_PRODUCERS stage) and its meta;
-    stop if it was trained on another dataset."""
-    model, meta = load_model(model_file(name), producer or MODEL_PRODUCERS[name])
-    check_dataset(model_file(name), meta, dataset)
-    return model, meta

@@ -19,10 +19,20 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from .checkpoint import check_dataset, load_trained
 from .config import PipelineError
+from .evaluation import eval_mode, map_batches
 from .io import atomic_open
-from .paths import check_dataset, load_trained, svm_file
-from .vae import encode_means
+from .models.vae import VAE
+from .paths import svm_file
+
+
+def encode_means(
+    model: VAE, images: torch.Tensor, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """Latent means of uint8 images (N, H, W), on CPU: the features the SVM sees."""
+    with eval_mode(model):
+        return map_batches(lambda x: model.encode(x)[0], images, batch_size, device).cpu()
 
 
 def cv_folds(labels: np.ndarray, max_folds: int) -> int:
@@ -100,7 +110,7 @@ def load_vae_svm(
     The scores are the one-vs-rest SVM's decision values: their argmax is the prediction,
     but they are not logits (no softmax or cross-entropy means anything on them).
     """
-    vae, _ = load_trained("vae", dataset, producer="train_vae")
+    vae, _ = load_trained("vae", dataset)
     vae.to(device)
     svm, meta = load_svm(svm_file(labels), producer=f"vae_svm@{labels}")
     check_dataset(svm_file(labels), meta, dataset)

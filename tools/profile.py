@@ -1,7 +1,7 @@
 """Apply a parameter profile (profiles/<name>.yaml) on top of params.yaml.
 
-    python -m stages.profile smoke              # rewrite params.yaml with the overrides
-    python -m stages.profile smoke --set-args   # print `-S key=value` for `dvc exp run`
+    python -m tools.profile smoke              # rewrite params.yaml with the overrides
+    python -m tools.profile smoke --set-args   # print `-S key=value` for `dvc exp run`
 
 A profile may only override keys that params.yaml already has (as `dvc exp run -S`),
 and the result is validated before params.yaml is touched.
@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from .lib.config import PARAMS_FILE, PipelineError, load_params, run_stage, validate_params
-from .lib.io import write_text
+from fewlabels.config import PARAMS_FILE, PipelineError, load_params, run_stage, validate_params
+from fewlabels.io import write_text
+from fewlabels.methods import validate_methods
 
 PROFILES_DIR = Path("profiles")
 
@@ -43,7 +44,9 @@ def apply_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[s
         if not isinstance(node, dict) or leaf not in node:
             raise PipelineError(f"profile key {dotted} is not in params.yaml")
         node[leaf] = value
-    return validate_params(merged)
+    validate_params(merged)
+    validate_methods(merged)
+    return merged
 
 
 def load_profile(name: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import PipelineError, check_budget
+from .config import Affine, PipelineError, check_budget
 
 # The four IDX files of a dataset: array name -> (file name, IDX magic number).
 IDX_FILES = {
@@ -225,40 +225,32 @@ def to_input(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1).float().div_(255.0)
 
 
-NO_AUGMENT = {"rotate_deg": 0.0, "translate": 0.0, "scale": 0.0}
-
-
 def random_affine(
-    x: torch.Tensor,
-    rotate_deg: float,
-    translate: float,
-    scale: float,
-    generator: torch.Generator | None = None,
-    elastic: float = 0.0,
-    elastic_sigma: float = 4.0,
+    x: torch.Tensor, augment: Affine, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Apply an independent random rotation, scaling and shift to every image of a batch,
-    and with `elastic` > 0 an elastic distortion (Simard et al. 2003): a random
-    displacement field smoothed by a Gaussian of `elastic_sigma` pixels and scaled by
-    `elastic` (their alpha, in pixels).
+    and with `augment.elastic` > 0 (an `ElasticAffine`) an elastic distortion (Simard et
+    al. 2003): a random displacement field smoothed by a Gaussian of `elastic_sigma`
+    pixels and scaled by `elastic` (their alpha, in pixels).
 
     `x` is float (N, C, H, W); `translate` is a fraction of the image size and `scale` the
     largest relative zoom. One `grid_sample` call transforms the whole batch on its device.
     """
     n = x.shape[0]
-    if n == 0 or (rotate_deg == 0 and translate == 0 and scale == 0 and elastic == 0):
+    elastic = getattr(augment, "elastic", 0.0)
+    if n == 0 or (augment.rotate_deg == augment.translate == augment.scale == elastic == 0):
         return x
     # Draw on the generator's device (CPU by default) so results do not depend on the
     # accelerator, then move the (N, 2, 3) matrices: a few hundred bytes per batch.
     u = torch.rand(n, 4, generator=generator, device=generator.device if generator else "cpu")
     u = (u * 2 - 1).to(x.device)
-    angle = u[:, 0] * math.radians(rotate_deg)
-    zoom = 1 + u[:, 1] * scale
-    shift = u[:, 2:] * (2 * translate)  # affine_grid coordinates span [-1, 1]
+    angle = u[:, 0] * math.radians(augment.rotate_deg)
+    zoom = 1 + u[:, 1] * augment.scale
+    shift = u[:, 2:] * (2 * augment.translate)  # affine_grid coordinates span [-1, 1]
     displacement = None
     if elastic > 0:
         displacement = elastic_displacement(
-            n, x.shape[-2], x.shape[-1], elastic, elastic_sigma, generator
+            n, x.shape[-2], x.shape[-1], elastic, augment.elastic_sigma, generator
         ).to(x.device)
     return affine_transform(x, angle, zoom, shift, displacement)
 

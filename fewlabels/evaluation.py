@@ -160,3 +160,40 @@ def robustness_figure(results: dict[str, dict]) -> Any:
     ax.set_title("Accuracy on clean and corrupted test images")
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
     return fig
+
+
+@torch.no_grad()
+def classify_samples(
+    images: torch.Tensor, classifier: nn.Module, n_classes: int, batch_size: int = 500
+) -> dict[str, Any]:
+    """What a (supervised) classifier makes of generated images (N, 1, H, W) in [0, 1]:
+    the predicted class and confidence (top softmax probability) of each, how many land
+    in each class, the mean confidence overall and per predicted class, and how many
+    classes occur."""
+    with eval_mode(classifier):
+        probs = torch.cat(
+            [
+                classifier(images[i : i + batch_size]).softmax(1)
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+    confidence, predicted = probs.max(1)
+    counts = torch.bincount(predicted, minlength=n_classes)
+    per_class_confidence = {
+        str(c): float(confidence[predicted == c].mean()) if counts[c] else None
+        for c in range(n_classes)
+    }
+    return {
+        "n_samples": len(images),
+        "predicted": predicted,
+        "confidence": confidence,
+        "class_counts": {str(c): int(n) for c, n in enumerate(counts)},
+        "classes_covered": int((counts > 0).sum()),
+        "mean_confidence": float(confidence.mean()),
+        "per_class_confidence": per_class_confidence,
+        # 1 = every class equally often; log(K) nats of entropy normalised to 1.
+        "class_balance": float(
+            -(counts / len(images) * (counts / len(images)).clamp_min(1e-12).log()).sum()
+            / torch.log(torch.tensor(float(n_classes)))
+        ),
+    }

@@ -1,1 +1,0 @@
-"""Shared code of the pipeline's stages: config, data, nets, train, evaluation, io, paths."""
