@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import random
 import re
 import sys
@@ -116,6 +117,8 @@ def number(low: float | None = None, high: float | None = None, *, open_low: boo
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML 1.1 (PyYAML) reads `1e-3` as a string: say how to write it.
             _fail(key, value, "a number (write 0.001, not 1e-3)")
+        if not math.isfinite(value):
+            _fail(key, value, f"a finite number{expected.removeprefix('a number')}")
         too_low = low is not None and (value <= low if open_low else value < low)
         if too_low or (high is not None and value > high):
             _fail(key, value, expected)
@@ -346,12 +349,21 @@ def _check_combinations(params: dict[str, Any]) -> None:
             f"params.yaml: features.backbone is {params['features']['backbone']!r}; use a "
             f"method of train: {', '.join(methods)}"
         )
-    ceilings = [f"ceiling_{name}" for name in params["train_ceilings"].get("models", {})]
-    if params["check_generated"]["classifier"] not in ceilings:
+    models = params["train_ceilings"].get("models")
+    ceilings = [f"ceiling_{name}" for name in models] if isinstance(models, dict) else []
+    if ceilings and params["check_generated"]["classifier"] not in ceilings:
         raise PipelineError(
             f"params.yaml: check_generated.classifier must be one of {', '.join(ceilings)}, "
             f"got {params['check_generated']['classifier']!r}"
         )
+    # Gradients need a torch model: any model but the VAE + SVM ones.
+    torch_models = [*methods, *(f"{m}_last" for m in methods), "retrain", *ceilings]
+    for name in params["attention"]["models"]:
+        if name not in torch_models:
+            raise PipelineError(
+                f"params.yaml: attention.models has {name!r}; use models of "
+                f"{', '.join(torch_models)}"
+            )
 
 
 def validate_params(params: Any) -> dict[str, Any]:

@@ -17,8 +17,16 @@ from typing import Any
 import torch
 
 from .checkpoint import load_training_state, run_fingerprint, save_checkpoint, save_training_state
+from .config import resolve_device, seed_everything
 from .models import Network
 from .train import Run, TrainResult, live_epoch_logger, open_live
+
+
+def start_run(params: dict[str, Any], **validation: torch.Tensor) -> Run:
+    """A trainer stage's run: the device (resolved once, here) and the sampler, with every
+    random stream seeded from `seed` (before the networks are built, so their initial
+    weights are the seed's too); `validation`: x_val and y_val."""
+    return Run(resolve_device(params["device"]), seed_everything(params["seed"]), **validation)
 
 
 @dataclass(frozen=True)

@@ -13,25 +13,21 @@ import torch
 from fewlabels.config import (
     DATASET_CLASSES,
     load_params,
-    resolve_device,
     run_stage,
-    seed_everything,
 )
 from fewlabels.io import load_arrays
 from fewlabels.methods import parse_method_config, retrain
 from fewlabels.paths import METRICS_DIR, PSEUDO_FILE, load_raw, load_split, model_file
-from fewlabels.resume import RunRecord, fit_and_save
-from fewlabels.train import Run
+from fewlabels.resume import RunRecord, fit_and_save, start_run
 
 
 def main() -> None:
     params = load_params()
     cfg = parse_method_config("retrain", params)
-    device = resolve_device(params["device"])
-    generator = seed_everything(params["seed"])
-
     raw, split = load_raw(params["dataset"]), load_split()
     labeled, val = split["labeled_idx"], split["val_idx"]
+    run = start_run(params, x_val=raw["x_train"][val], y_val=raw["y_train"][val])
+    device = run.device
     pseudo = {k: torch.from_numpy(v) for k, v in load_arrays(PSEUDO_FILE, "pseudo_label").items()}
     kept = pseudo["confidence"] >= cfg.min_confidence
     pseudo_idx, pseudo_label = pseudo["unlabeled_idx"][kept], pseudo["label"][kept].long()
@@ -56,7 +52,6 @@ def main() -> None:
         live_dir=METRICS_DIR / "retrain",
     )
     print(f"retrain: {len(labeled)} labels + {len(pseudo_idx)} pseudo-labels on {device}")
-    run = Run(device, generator, x_val=raw["x_train"][val], y_val=raw["y_train"][val])
     fit_and_save(lambda run: retrain.train(model, (x, y), cfg, run), run, model, parts, record)
 
 

@@ -15,33 +15,24 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fewlabels.config import (
-    DATASET_CLASSES,
-    load_params,
-    resolve_device,
-    run_stage,
-    seed_everything,
-    stage_argument,
-)
+from fewlabels.config import DATASET_CLASSES, load_params, run_stage, stage_argument
 from fewlabels.io import save_image
 from fewlabels.methods import load_method, parse_method_config
 from fewlabels.paths import METRICS_DIR, MODELS_DIR, load_raw, load_split
-from fewlabels.resume import RunRecord, fit_and_save
-from fewlabels.train import Run, SplitData
+from fewlabels.resume import RunRecord, fit_and_save, start_run
+from fewlabels.train import SplitData
 
 
 def main() -> None:
     params = load_params()
     name = stage_argument(list(params["train"]), "a method of params.yaml's train section")
     method, cfg = load_method(name), parse_method_config(name, params)
-    device = resolve_device(params["device"])
-    generator = seed_everything(params["seed"])
-
     raw, split = load_raw(params["dataset"]), load_split()
     labeled, val, unlabeled = split["labeled_idx"], split["val_idx"], split["unlabeled_idx"]
     x, y = raw["x_train"], raw["y_train"]
+    run = start_run(params, x_val=x[val], y_val=y[val])
+    device = run.device
     data = SplitData(x[labeled].to(device), y[labeled].to(device), x[unlabeled].to(device))
-    run = Run(device, generator, x_val=x[val], y_val=y[val])
     model, parts = method.build(cfg, DATASET_CLASSES[params["dataset"]])
     model.to(device)
     record = RunRecord(

@@ -12,31 +12,21 @@ import dataclasses
 
 import torch
 
-from fewlabels.config import (
-    DATASET_CLASSES,
-    load_params,
-    resolve_device,
-    run_stage,
-    seed_everything,
-    stage_argument,
-)
+from fewlabels.config import DATASET_CLASSES, load_params, run_stage, stage_argument
 from fewlabels.methods import ceilings, parse_method_config
 from fewlabels.paths import METRICS_DIR, load_raw, model_file
-from fewlabels.resume import RunRecord, fit_and_save
-from fewlabels.train import Run
+from fewlabels.resume import RunRecord, fit_and_save, start_run
 
 
 def main() -> None:
     params = load_params()
     name = stage_argument(list(ceilings.ARCHITECTURES), "a fully supervised ceiling")
     cfg = parse_method_config("ceilings", params)
-    device = resolve_device(params["device"])
-    generator = seed_everything(params["seed"])
-
+    run = start_run(params)
     raw = load_raw(params["dataset"])
-    x, y = raw["x_train"].to(device), raw["y_train"].to(device)
+    x, y = raw["x_train"].to(run.device), raw["y_train"].to(run.device)
     model, parts = ceilings.build(name, DATASET_CLASSES[params["dataset"]])
-    model.to(device)
+    model.to(run.device)
     record = RunRecord(
         config={
             "seed": params["seed"],
@@ -49,9 +39,10 @@ def main() -> None:
         model_dir=model_file(f"ceiling_{name}").parent,
         live_dir=METRICS_DIR / "train_ceilings" / name,
     )
-    print(f"ceiling_{name}: {len(y)} labels on {device}")
+    epochs = getattr(cfg.models, name).epochs
+    print(f"ceiling_{name}: {len(y)} labels, {epochs} epochs on {run.device}")
     train = lambda run: ceilings.train(model, (x, y), cfg, run, name)  # noqa: E731
-    fit_and_save(train, Run(device, generator), model, parts, record)
+    fit_and_save(train, run, model, parts, record)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from fewlabels.config import load_params, resolve_device, run_stage, seed_everything
+from fewlabels.config import load_params, run_stage
 from fewlabels.data import class_balanced_split, to_input
 from fewlabels.io import save_figure
 from fewlabels.methods import parse_method_config, vae
 from fewlabels.models.vae import VAE
 from fewlabels.paths import METRICS_DIR, PLOTS_DIR, load_raw, model_file
-from fewlabels.resume import RunRecord, fit_and_save
+from fewlabels.resume import RunRecord, fit_and_save, start_run
 from fewlabels.svm import encode_means
-from fewlabels.train import Run
 
 N_SHOWN = 12  # images in the reconstruction plot
 N_PROJECTED = 5000  # training images in the latent plot
@@ -68,9 +67,8 @@ def plot_latent_pca(means: torch.Tensor, labels: torch.Tensor) -> plt.Figure:
 def main() -> None:
     params = load_params()
     cfg = parse_method_config("vae", params)
-    device = resolve_device(params["device"])
-    generator = seed_everything(params["seed"])
-
+    run = start_run(params)
+    device = run.device
     data = load_raw(cfg.dataset)
     pool = training_pool(data["y_train"], params["seed"], cfg.pool_size)
     images = data["x_train"][pool].to(device)
@@ -84,9 +82,7 @@ def main() -> None:
         live_dir=METRICS_DIR / "train_vae",
     )
     print(f"vae: {len(pool)} unlabeled {cfg.dataset} images, {cfg.epochs} epochs on {device}")
-    fit_and_save(
-        lambda run: vae.train(model, images, cfg, run), Run(device, generator), model, parts, record
-    )
+    fit_and_save(lambda run: vae.train(model, images, cfg, run), run, model, parts, record)
 
     model.cpu().eval()
     x_train, y_train = data["x_train"], data["y_train"]

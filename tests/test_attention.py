@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from stages.lib.attention import (
+from torch import nn
+
+from fewlabels.attention import (
     attention_figure,
     attention_maps,
     cam_layer,
@@ -18,11 +20,11 @@ from stages.lib.attention import (
     last_conv,
     to_input_grid,
 )
-from stages.lib.config import PipelineError
-from stages.lib.io import save_arrays, save_checkpoint, save_figure
-from stages.lib.nets import build_model
-from torch import nn
-
+from fewlabels.checkpoint import save_checkpoint
+from fewlabels.config import PipelineError
+from fewlabels.io import save_arrays, save_figure
+from fewlabels.models import build_model, network
+from fewlabels.paths import model_file
 from stages import attention as attention_stage
 from tests.conftest import REPO_ROOT, make_tiny_dataset
 
@@ -250,8 +252,8 @@ def stage_dir(tmp_path, monkeypatch):
         ("baseline", "baseline_cnn", {}),
         ("ceiling_linear", "mlp", {"hidden": []}),
     ]:
-        model = build_model(arch, **config)
-        save_checkpoint(tmp_path / f"models/{name}/model.pt", model, arch, config, meta)
+        save_checkpoint(tmp_path / model_file(name), network(arch, **config), meta)
+    assert (tmp_path / "models/baseline/model.pt").is_file()  # models/<name>/model.pt
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -260,7 +262,8 @@ def run_attention(stage_dir, name: str, **attention) -> None:
     params = copy.deepcopy(DEFAULTS)
     params["attention"].update(attention)
     (stage_dir / "params.yaml").write_text(yaml.safe_dump(params))
-    argv = ["stages.attention", name]
+    # As `python -m stages.attention <name>` sets it: argv[0] is the module's file.
+    argv = [str(REPO_ROOT / "stages/attention.py"), name]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", argv)
         attention_stage.main()

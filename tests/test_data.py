@@ -10,10 +10,10 @@ import threading
 
 import numpy as np
 import pytest
-from stages.lib import data as data_lib
-from stages.lib.config import PipelineError
-from stages.lib.data import fetch_dataset, parse_idx
 
+from fewlabels import data as data_lib
+from fewlabels.config import PipelineError
+from fewlabels.data import fetch_dataset, parse_idx
 from tests.conftest import idx_bytes
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049

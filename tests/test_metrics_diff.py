@@ -54,7 +54,7 @@ def test_pull_request_workflow_runs_smoke_pipeline_and_posts_both_diffs():
     assert steps[0]["with"]["fetch-depth"] == 0
     script = "\n".join(step.get("run", "") for step in steps)
     for command in (
-        "python -m stages.profile smoke",
+        "python -m tools.profile smoke",
         "dvc repro",
         "dvc metrics diff origin/main --md",
         "dvc params diff origin/main --md",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,27 +18,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stages.lib.bench import NOT_COPIED, subprocess_env
 
 from tests.conftest import REPO_ROOT
+from tools.bench_lib import copy_repository, subprocess_env
 
+# The methods trained on the split (params.yaml's train section): one stage train@<method> each.
+METHODS = ("baseline", "sgan", "consistency", "vat")
 CEILING_STAGES = tuple(f"train_ceilings@{n}" for n in ("linear", "fc256", "cnn4", "cnn5"))
 ATTENTION_MODELS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["attention"]["models"]
 ATTENTION_STAGES = tuple(f"attention@{m}" for m in ATTENTION_MODELS)
-# Stages downstream of `split` (besides train_baseline): a labels change re-runs them.
-SEMI_SUPERVISED_STAGES = (
-    "train_sgan",
-    "train_consistency",
-    "extract_features",
-    "pseudo_label",
-    "retrain",
-)
+# Stages downstream of `split`: a labels change re-runs them.
+SPLIT_STAGES = (*(f"train@{m}" for m in METHODS), "extract_features", "pseudo_label", "retrain")
 VAE_SVM_STAGES = tuple(f"vae_svm@{n}" for n in (100, 600, 1000, 3000))
 STAGES = (
     "download",
     "split",
-    "train_baseline",
-    *SEMI_SUPERVISED_STAGES,
+    *SPLIT_STAGES,
     *CEILING_STAGES,
     "train_vae",
     *VAE_SVM_STAGES,
@@ -47,7 +41,7 @@ STAGES = (
     "check_generated",
     *ATTENTION_STAGES,
 )
-OUTPUTS = ("models/baseline/model.pt", "metrics/train_baseline/metrics.json")
+OUTPUTS = ("models/baseline/model.pt", "metrics/train/baseline/metrics.json")
 CHECKPOINT = "models/baseline/checkpoint.pt"
 
 
@@ -74,9 +68,9 @@ def sha256(path: Path) -> str:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("smoke") / "repo"
-    shutil.copytree(REPO_ROOT, root, ignore=NOT_COPIED)
+    copy_repository(REPO_ROOT, root)
     run(root, "git", "init", "-q", "-b", "main")
-    run(root, sys.executable, "-m", "stages.profile", "smoke")
+    run(root, sys.executable, "-m", "tools.profile", "smoke")
     run(root, "git", "add", "-A")
     run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "smoke")
     return root
@@ -99,7 +93,7 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     for name in ("linear", "fc256", "cnn4", "cnn5"):
         assert evaluated[f"ceiling_{name}"]["labels_used"] == 60000
     summary = (repo / "metrics/summary.md").read_text()
-    assert "| ceiling_cnn5 | fully supervised ceiling: 5-layer CNN | mnist | 60,000 |" in summary
+    assert "| ceiling_cnn5 | fully supervised ceiling: cnn5 | mnist | 60,000 |" in summary
     # VAE + SVM: scored on its own dataset (fashion-mnist), no loss for SVM decision values.
     for stage in VAE_SVM_STAGES:
         vae_svm = evaluated[stage]
@@ -108,17 +102,23 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     assert "| vae_svm@100 | M1: VAE latent means" in summary
     for name in ("reconstructions", "latent_pca"):
         assert (repo / f"plots/vae/{name}.png").read_bytes()[:4] == b"\x89PNG"
-    # Semi-supervised chain: consistency CNN -> features -> k-means pseudo-labels -> retrain.
-    for name in ("consistency", "retrain", "sgan", "sgan_last"):
+    # Every method of the train section, and the semi-supervised chain: SGAN features ->
+    # k-means pseudo-labels -> retrain.
+    for name in (*METHODS, "sgan_last", "retrain"):
         assert evaluated[name]["labels_used"] == 100
-    # SGAN: both networks (best and last epoch), one generated grid per epoch, and the
-    # ceiling's verdict on a fixed batch of generated digits.
-    for part in ("discriminator", "generator", "discriminator_last", "generator_last"):
+    for method in METHODS:
+        for part in ("model", "model_last"):
+            assert (repo / f"models/{method}/{part}.pt").is_file()
+        live = json.loads((repo / f"metrics/train/{method}/metrics.json").read_text())
+        assert live["step"] == 1  # two epochs, one dvclive step each
+    # SGAN: its generator too (best and last epoch), one generated grid per epoch and the
+    # final one, and the ceiling's verdict on a fixed batch of generated digits.
+    for part in ("generator", "generator_last"):
         assert (repo / f"models/sgan/{part}.pt").is_file()
     for name in (
-        "metrics/train_sgan/plots/images/generated/1.png",
-        "plots/sgan/generated.png",
-        "metrics/train_sgan/plots/images/generated/2.png",
+        "metrics/train/sgan/plots/images/generated/1.png",
+        "metrics/train/sgan/plots/images/generated/2.png",
+        "metrics/train/sgan/plots/images/generated.png",
         "plots/generated_classes.png",
     ):
         assert (repo / name).read_bytes()[:4] == b"\x89PNG"
@@ -135,9 +135,6 @@ def test_first_repro_runs_every_stage_and_writes_outputs(repo, first_repro):
     assert (repo / "plots/robustness.png").read_bytes()[:4] == b"\x89PNG"
     confusion = (repo / "plots/confusion/baseline.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 1001
-    live = json.loads((repo / "metrics/train_baseline/metrics.json").read_text())
-    assert live["step"] == 1  # two epochs, one dvclive step each
-    assert (repo / "models/baseline/model.pt").is_file()
     for name in ATTENTION_MODELS:
         assert (repo / f"plots/attention/{name}.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -147,8 +144,9 @@ def test_metrics_and_plots_commands_read_the_outputs(repo, first_repro):
     assert "test_accuracy" in shown and "labeled_per_class" in shown
     dvc(repo, "plots", "show", "-o", "rendered")
     page = (repo / "rendered/index.html").read_text()
-    for plot_id in ("plots_confusion_baseline_csv", "train_baseline_plots_metrics_train_loss_tsv"):
-        assert plot_id in page
+    for method in METHODS:
+        assert f"plots_confusion_{method}_csv" in page
+        assert f"metrics_train_{method}_plots_metrics_train_accuracy_tsv" in page
     shown_images = [
         repo / "rendered" / src for src in re.findall(r'<img src="(static/[^"]+)">', page)
     ]  # dvc copies every image beside the page
@@ -171,8 +169,8 @@ def test_second_repro_does_nothing(repo, first_repro):
 def test_same_params_and_seed_give_identical_outputs(repo, first_repro):
     model = repo / "models/baseline/model.pt"
     before = {p: sha256(repo / p) for p in OUTPUTS}
-    forced = dvc(repo, "repro", "-f", "-s", "train_baseline")
-    assert ran_stages(forced) == {"train_baseline"}
+    forced = dvc(repo, "repro", "-f", "-s", "train@baseline")
+    assert ran_stages(forced) == {"train@baseline"}
     assert {p: sha256(repo / p) for p in OUTPUTS} == before
     # Bit-identical model: DVC sees nothing to do downstream.
     assert model.is_file() and ran_stages(dvc(repo, "repro")) == set()
@@ -185,8 +183,7 @@ def test_exp_run_with_250_labels_reruns_split_and_downstream_only(repo, first_re
     attention = {f"attention@{m}" for m in ATTENTION_MODELS if not m.startswith("ceiling_")}
     assert ran_stages(exp) == {
         "split",
-        "train_baseline",
-        *SEMI_SUPERVISED_STAGES,
+        *SPLIT_STAGES,
         "evaluate",
         "check_generated",
         *attention,
@@ -234,14 +231,21 @@ def test_bad_budget_stops_before_any_work(repo, first_repro):
 
 
 def set_params(repo: Path, section: str, **values) -> None:
+    """Set keys of a params section, given by its dotted path (train.baseline)."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[section].update(values)
+    node = params
+    for key in section.split("."):
+        node = node[key]
+    node.update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+TRAIN_BASELINE = (sys.executable, "-m", "stages.train", "baseline")
+
+
 def start_and_kill_after_first_checkpoint(repo: Path) -> None:
-    """Start train_baseline, SIGKILL it as soon as a per-epoch checkpoint exists."""
-    cmd = [sys.executable, "-m", "stages.train_baseline"]
+    """Start train@baseline, SIGKILL it as soon as a per-epoch checkpoint exists."""
+    cmd = list(TRAIN_BASELINE)
     proc = subprocess.Popen(cmd, cwd=repo, env=subprocess_env(), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (repo / CHECKPOINT).exists() and proc.poll() is None:
@@ -253,15 +257,15 @@ def start_and_kill_after_first_checkpoint(repo: Path) -> None:
 
 
 def loss_curve(repo: Path) -> list[tuple[str, str]]:
-    rows = (repo / "metrics/train_baseline/plots/metrics/train/loss.tsv").read_text().splitlines()
+    rows = (repo / "metrics/train/baseline/plots/metrics/train/loss.tsv").read_text().splitlines()
     return [tuple(row.split("\t")[1:]) for row in rows]  # drop the timestamp column
 
 
 def test_killed_training_resumes_to_the_same_model(repo, first_repro):
     original = (repo / "params.yaml").read_text()
-    stage = [sys.executable, "-m", "stages.train_baseline"]
+    stage = TRAIN_BASELINE
     try:
-        set_params(repo, "train_baseline", epochs=25)
+        set_params(repo, "train.baseline", epochs=25)
         run(repo, *stage)
         reference = {p: sha256(repo / p) for p in OUTPUTS}
         reference_curve = loss_curve(repo)
@@ -275,10 +279,13 @@ def test_killed_training_resumes_to_the_same_model(repo, first_repro):
         assert "resuming from models/baseline/checkpoint.pt after epoch" in resumed.stdout
         assert {p: sha256(repo / p) for p in OUTPUTS} == reference
         assert loss_curve(repo) == reference_curve
-        assert sorted(p.name for p in (repo / "models/baseline").iterdir()) == ["model.pt"]
+        assert sorted(p.name for p in (repo / "models/baseline").iterdir()) == [
+            "model.pt",
+            "model_last.pt",
+        ]
 
         start_and_kill_after_first_checkpoint(repo)
-        set_params(repo, "train_baseline", epochs=26)
+        set_params(repo, "train.baseline", epochs=26)
         fresh = run(repo, *stage)
         assert "written with other params, data or code: ignoring it, starting fresh" in (
             fresh.stdout
@@ -287,3 +294,13 @@ def test_killed_training_resumes_to_the_same_model(repo, first_repro):
     finally:
         (repo / "params.yaml").write_text(original)
         (repo / CHECKPOINT).unlink(missing_ok=True)
+
+
+def test_metrics_and_plots_read_without_errors(repo, first_repro):
+    # Every declared metrics file is a metrics file (not a dvclive .tsv or image under a
+    # declared folder), and every plot file renders: a user sees no "failed to load".
+    metrics = json.loads(dvc(repo, "metrics", "show", "--json").stdout)
+    failed = [name for name, entry in metrics[""]["data"].items() if "error" in entry]
+    assert failed == []
+    plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)
+    assert [error["name"] for error in plots.get("errors", [])] == []

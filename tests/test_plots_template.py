@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from dvc_render import render_html
 from dvc_render.vega import VegaRenderer
-from stages.lib.config import PipelineError
-from stages.plots_template import LIBRARIES, TEMPLATE, Library, page, read_tarball
 
+from fewlabels.config import PipelineError
 from tests.conftest import REPO_ROOT
+from tools.plots_template import LIBRARIES, TEMPLATE, Library, page, read_tarball
 
 # Any <script ...> tag that loads a file (inline scripts have no src).
 REMOTE_SCRIPT = re.compile(r"<script\b[^>]*\bsrc\s*=", re.IGNORECASE)

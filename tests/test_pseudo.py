@@ -1,20 +1,20 @@
-"""Feature extraction, k-means pseudo-labels and robustness sets (stages/lib/pseudo.py)."""
+"""Feature extraction, k-means pseudo-labels and robustness sets (fewlabels/pseudo.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from stages.lib.config import PipelineError
-from stages.lib.data import to_input
-from stages.lib.nets import build_model
-from stages.lib.pseudo import (
+
+from fewlabels.config import PipelineError
+from fewlabels.data import to_input
+from fewlabels.models import build_model
+from fewlabels.pseudo import (
     embedding_network,
     extract_features,
     kmeans_pseudo_labels,
     robustness_sets,
 )
-
 from tests.conftest import synthetic_digits
 
 

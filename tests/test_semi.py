@@ -1,4 +1,5 @@
-"""The consistency trainer's losses, augmentation and training loop (stages/lib/semi.py)."""
+"""The consistency method's losses, augmentation and training loop
+(fewlabels/methods/consistency.py, fewlabels/losses.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,19 @@ import math
 
 import pytest
 import torch
-from stages.lib.data import NO_AUGMENT, to_input
-from stages.lib.nets import build_model
-from stages.lib.semi import (
+
+from fewlabels.config import PipelineError, parse_config
+from fewlabels.data import to_input
+from fewlabels.losses import (
     PseudoLabelLoss,
-    class_centroids,
-    cluster_loss,
-    consistency_loss,
     entropy_loss,
     flexmatch_thresholds,
     pseudo_label_loss,
-    train_consistency,
 )
-from stages.lib.train import TrainingDiverged
-
+from fewlabels.methods import consistency
+from fewlabels.methods.consistency import class_centroids, cluster_loss, consistency_loss
+from fewlabels.models import build_model
+from fewlabels.train import Run, SplitData, TrainingDiverged
 from tests.conftest import AUGMENT, synthetic_digits
 
 
@@ -150,32 +150,48 @@ def test_class_centroids_are_per_class_feature_means():
 
 
 WEIGHTS = {"cluster": 0.1, "consistency": 0.5, "entropy": 0.05, "pseudo_label": 1.0}
+RUN_HOOKS = ("on_epoch", "on_checkpoint", "resume")
 
 
-def _train(
-    seed: int = 0,
-    *,
-    weights=WEIGHTS,
-    epochs: int = 3,
-    ema_decay=0.9,
-    threshold=0.5,
-    model=None,
-    **kw,
-):
-    torch.manual_seed(seed)
-    model = model or build_model("waterloo_cnn", channels=[8, 16, 16], hidden=32)
+def consistency_config(**overrides) -> consistency.Config:
+    """A tiny train.consistency section, checked like the stage checks params.yaml's."""
+    section = {
+        "epochs": 3, "steps_per_epoch": 6, "batch_size": 8, "lr": 0.003,
+        "lr_schedule": "cosine", "weight_decay": 0.0, "unlabeled_ratio": 2,
+        "channels": [8, 16, 16], "hidden": 32, "batch_norm": False, "weights": WEIGHTS,
+        "threshold": 0.5, "adaptive_threshold": False, "ema_decay": 0.9, "teacher": "student",
+        "weak_augment": AUGMENT, "strong_augment": AUGMENT, "cutout": 6, "labeled_thicken": 0.0,
+        **overrides,
+    }  # fmt: skip
+    return parse_config(consistency.Config, section, "train.consistency")
+
+
+def _data() -> SplitData:
     x, y = synthetic_digits(20)
-    x_unlabeled, _ = synthetic_digits(60, seed=2)
+    return SplitData(x, y, synthetic_digits(60, seed=2)[0])
+
+
+def _train(seed: int = 0, *, model=None, **kw):
+    """consistency.train on synthetic digits; the hooks and `resume` go to the `Run`, every
+    other keyword to the config."""
+    torch.manual_seed(seed)
+    hooks = {k: kw.pop(k) for k in RUN_HOOKS if k in kw}
+    cfg = consistency_config(**kw)
+    model = model or consistency.build(cfg, n_classes=10)[0]
     x_val, y_val = synthetic_digits(20, seed=1)
-    result = train_consistency(
-        model, x, y, x_unlabeled,
-        epochs=epochs, steps_per_epoch=6, batch_size=8, unlabeled_ratio=2, lr=0.003,
-        lr_schedule="cosine", weight_decay=0.0, weights=weights, threshold=threshold,
-        weak_augment=AUGMENT, strong_augment=AUGMENT, cutout=6, ema_decay=ema_decay,
-        device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed),
-        x_val=x_val, y_val=y_val, **kw,
-    )  # fmt: skip
+    run = Run(torch.device("cpu"), torch.Generator().manual_seed(seed), x_val, y_val, **hooks)
+    result = consistency.train(model, _data(), cfg, run)
     return model, result
+
+
+def test_build_gives_the_configs_waterloo_cnn_as_the_saved_model():
+    cfg = consistency_config(batch_norm=True)
+    model, parts = consistency.build(cfg, n_classes=10)
+    assert parts["model"].module is model and parts["model"].arch == "waterloo_cnn"
+    assert parts["model"].config == {"n_classes": 10, "channels": [8, 16, 16], "hidden": 32,
+                                     "batch_norm": True}  # fmt: skip
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert model(to_input(synthetic_digits(3)[0])).shape == (3, 10)
 
 
 def test_training_lowers_the_supervised_loss_and_logs_every_active_loss():
@@ -215,25 +231,47 @@ def _stop_after_epoch_1(stats):
 FIXMATCH_ONLY = {**WEIGHTS, "cluster": 0, "consistency": 0, "entropy": 0}
 
 
+# A mean teacher of decay 0.5: its average moves fast enough for confident pseudo-labels
+# after the first epoch (where the resumed runs start).
+MEAN_TEACHER = {"teacher": "ema", "ema_decay": 0.5}
+
+
 @pytest.mark.parametrize(
-    ("weights", "adaptive"), [(WEIGHTS, False), (FIXMATCH_ONLY, False), (FIXMATCH_ONLY, True)]
+    ("weights", "options"),
+    [
+        (WEIGHTS, {}),
+        (FIXMATCH_ONLY, {}),
+        (FIXMATCH_ONLY, {"adaptive_threshold": True}),
+        (FIXMATCH_ONLY, MEAN_TEACHER),  # the teacher's average must come back too
+    ],
 )
-def test_training_is_deterministic_and_resumes_exactly(weights, adaptive):
-    # A low threshold, so that some images are confident within the first epoch.
-    kw = {"adaptive_threshold": adaptive, "threshold": 0.12}
-    _, reference = _train(seed=1, weights=weights, **kw)
+def test_training_is_deterministic_and_resumes_exactly(weights, options):
+    # A low threshold, so that some images are confident after the first epoch.
+    kw = {"weights": weights, "threshold": 0.12, **options}
+    _, reference = _train(seed=1, **kw)
+    if weights is FIXMATCH_ONLY:  # the pseudo-labels are what a resumed run must restore
+        assert any(h["train/confident_fraction"] > 0 for h in reference.history[1:])
+    _, again = _train(seed=1, **kw)
+    assert again.history == reference.history
     saved = []
 
     with pytest.raises(Interrupt):
-        _train(
-            seed=1, weights=weights, **kw, on_checkpoint=saved.append,
-            on_epoch=_stop_after_epoch_1,
-        )  # fmt: skip
-    assert "ema" in saved[-1]
-    _, resumed = _train(seed=7, weights=weights, **kw, resume=saved[-1])
+        _train(seed=1, **kw, on_checkpoint=saved.append, on_epoch=_stop_after_epoch_1)
+    assert "ema" in saved[-1] and "scheduler" in saved[-1]
+    _, resumed = _train(seed=7, **kw, resume=saved[-1])
     assert resumed.history == reference.history
     for key, value in reference.last_state.items():
         assert torch.equal(resumed.last_state[key], value)
+        assert torch.equal(again.last_state[key], value)
+
+
+def test_a_mean_teacher_gives_other_pseudo_labels_than_the_student():
+    kw = {"weights": FIXMATCH_ONLY, "threshold": 0.12, "ema_decay": 0.5}
+    _, student = _train(seed=1, **kw)
+    _, teacher = _train(seed=1, **kw, teacher="ema")
+    assert student.history[0]["train/ce"] == teacher.history[0]["train/ce"]  # same first step
+    confident = [[h["train/confident_fraction"] for h in r.history] for r in (student, teacher)]
+    assert confident[0] != confident[1]
 
 
 def test_flexmatch_memory_is_part_of_the_training_state():
@@ -243,7 +281,7 @@ def test_flexmatch_memory_is_part_of_the_training_state():
     with pytest.raises(Interrupt):
         _train(seed=1, **kw, on_checkpoint=saved.append, on_epoch=_stop_after_epoch_1)
     memory = saved[-1]["step_state"]["confident_class"]
-    assert (memory >= 0).any() and (memory == -1).any()
+    assert (memory >= 0).any() and (memory == -1).any() and len(memory) == 60
     _, resumed = _train(seed=7, **kw, resume=saved[-1])
     assert resumed.history == reference.history
     # Without it the thresholds differ, and so does the run.
@@ -272,14 +310,43 @@ def test_a_nan_loss_stops_training_with_a_message():
 def test_no_augmentation_and_no_cutout_leave_the_weak_and_strong_views_equal():
     # With identical views the consistency loss is exactly zero throughout.
     torch.manual_seed(0)
-    model = build_model("waterloo_cnn", channels=[8, 16, 16], hidden=32)
-    x, y = synthetic_digits(20)
-    result = train_consistency(
-        model, x, y, synthetic_digits(40, seed=3)[0],
-        epochs=1, steps_per_epoch=3, batch_size=4, unlabeled_ratio=2, lr=0.001,
-        lr_schedule="constant", weight_decay=0.0,
+    off = {"rotate_deg": 0, "translate": 0, "scale": 0}
+    cfg = consistency_config(
+        epochs=1, steps_per_epoch=3, batch_size=4, lr=0.001, lr_schedule="constant",
         weights={"cluster": 0, "consistency": 1.0, "entropy": 0, "pseudo_label": 0},
-        threshold=0.95, weak_augment=NO_AUGMENT, strong_augment=NO_AUGMENT, cutout=0,
-        ema_decay=0.0, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+        threshold=0.95, weak_augment=off, strong_augment=off, cutout=0, ema_decay=0.0,
     )  # fmt: skip
+    model, _ = consistency.build(cfg, n_classes=10)
+    x, y = synthetic_digits(20)
+    data = SplitData(x, y, synthetic_digits(40, seed=3)[0])
+    result = consistency.train(model, data, cfg, Run(torch.device("cpu"), torch.Generator()))
     assert result.history[0]["train/consistency"] == 0.0
+
+
+def test_a_step_draws_labeled_and_two_views_of_the_unlabeled_images():
+    cfg = consistency_config(labeled_thicken=0.5)
+    model, _ = consistency.build(cfg, n_classes=10)
+    step = consistency.train_step(model, _data(), cfg, Run(torch.device("cpu"), torch.Generator()))
+    x_l, y_l, x_weak, x_strong, uidx = step.draw()
+    assert x_l.shape == (8, 1, 28, 28) and y_l.shape == (8,)
+    assert x_weak.shape == x_strong.shape == (16, 1, 28, 28) and uidx.max() < 60
+    assert step.images == 8 + 2 * 16 and step.state == {}  # FixMatch keeps no memory
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"teacher": "ema", "ema_decay": 0.0},
+            "train.consistency.teacher is ema but ema_decay is 0",
+        ),
+        ({"threshold": 1.5}, "train.consistency.threshold must be a number >= 0 and <= 1"),
+        ({"channels": [8, 16]}, "train.consistency.channels must be a list of at least 3"),
+        ({"weights": {"cluster": 0}}, "missing key train.consistency.weights.consistency"),
+        ({"strong_augment": {**AUGMENT, "elastic": 3}}, "unknown key train.consistency.strong_"),
+    ],
+)
+def test_a_bad_consistency_section_is_refused_in_one_line_naming_the_key(change, message):
+    with pytest.raises(PipelineError, match=message) as error:
+        consistency_config(**change)
+    assert "\n" not in str(error.value)

@@ -1,33 +1,33 @@
-"""The semi-supervised GAN: architectures, losses, and its trainer (stages/lib/sgan.py)."""
+"""The semi-supervised GAN: architectures (fewlabels/models/sgan.py), losses and its trainer
+(fewlabels/methods/sgan.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from stages.lib.config import PipelineError
-from stages.lib.data import to_input
-from stages.lib.pseudo import embedding_network
-from stages.lib.sgan import (
-    GaussianNoise,
+
+from fewlabels.config import PipelineError, parse_config
+from fewlabels.data import to_input
+from fewlabels.evaluation import classify_samples
+from fewlabels.methods import sgan
+from fewlabels.methods.sgan import (
     GeneratorCollapsed,
-    MLPDiscriminator,
-    SemiSupervisedGAN,
-    classify_samples,
     data_dependent_init,
     feature_matching_loss,
     frozen,
     image_grid,
     real_logit,
-    sgan_step,
     supervised_loss,
-    train_sgan,
     unsupervised_loss,
 )
-from stages.lib.train import TrainingDiverged
-
+from fewlabels.models import build_model
+from fewlabels.models.sgan import GaussianNoise, MLPDiscriminator, SemiSupervisedGAN, sample_z
+from fewlabels.pseudo import embedding_network
+from fewlabels.train import Run, SplitData, TrainingDiverged, moving_average
 from tests.conftest import AUGMENT, synthetic_digits
 
 SMALL = {
@@ -51,7 +51,7 @@ def test_discriminator_gives_k_class_logits_and_k_plus_one_for_training(arch, fa
     assert torch.equal(model(x), logits_k1[:, :10])
     if fake_logit == "zero":
         assert torch.equal(logits_k1[:, 10], torch.zeros(3))
-    images = model.sample(5)
+    images = model.generator(sample_z(5, 8))
     assert images.shape == (5, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
 
 
@@ -129,7 +129,7 @@ def test_supervised_loss_ignores_the_generated_logit():
 def test_feature_matching_trains_only_the_generator():
     model = small_gan("conv")
     real = to_input(synthetic_digits(8)[0])
-    fake = model.sample(8)
+    fake = model.generator(sample_z(8, 8))
     with frozen(model.discriminator):
         features_fake = model.discriminator.features(fake)
     loss = feature_matching_loss(model.discriminator.features(real), features_fake)
@@ -159,35 +159,61 @@ def test_image_grid_tiles_rows_with_gaps():
     assert grid[:28, :28].max() == 0
 
 
-TRAIN = {
-    "epochs": 3,
-    "steps_per_epoch": 4,
-    "batch_size": 10,
-    "unlabeled_batch_size": 12,
-    "lr": 0.003,
-    "generator_lr": 0.003,
-    "beta1": 0.5,
-    "lr_schedule": "cosine",
-    "unsupervised_weight": 1.0,
-    "augment": AUGMENT,
-    "augment_unlabeled": True,
-    "ema_decay": 0.9,
-    "patience": 0,
-    "collapse_std": 0.0,
-    "device": torch.device("cpu"),
-}
+SECTION = {
+    "arch": "mlp",
+    "conv": {"discriminator": {"channels": [4, 8], "hidden": 16},
+             "generator": {"channels": [8, 4]}},
+    "mlp": {"discriminator": {"hidden": [32, 16]}, "generator": {"hidden": [16]}},
+    "epochs": 3, "steps_per_epoch": 4, "batch_size": 10, "unlabeled_batch_size": 12,
+    "unlabeled_includes_labeled": True, "lr": 0.003, "generator_lr": 0.003, "beta1": 0.5,
+    "lr_schedule": "cosine", "unsupervised_weight": 1.0, "fake_logit": "zero",
+    "feature_layer": -1, "z_size": 8, "input_noise": 0.1, "hidden_noise": 0.1,
+    "augment": AUGMENT, "augment_unlabeled": True, "pseudo_label_weight": 0.0,
+    "threshold": 0.95, "adaptive_threshold": False, "strong_augment": AUGMENT,
+    "ema_decay": 0.9, "teacher": "student", "patience": 0, "collapse_std": 0.0,
+    "grid_size": 6,
+}  # fmt: skip
+RUN_HOOKS = ("on_epoch", "on_checkpoint", "resume")
 
 
-def _train(arch: str = "mlp", seed: int = 0, **overrides):
+def sgan_config(arch: str = "mlp", **overrides) -> sgan.Config:
+    """A tiny train.sgan section (each architecture with its default fake logit)."""
+    fake_logit = {"conv": "explicit", "mlp": "zero"}[arch]
+    section = {**SECTION, "arch": arch, "fake_logit": fake_logit, **overrides}
+    return parse_config(sgan.Config, section, "train.sgan")
+
+
+def _data(n: int = 60, labeled: int = 20) -> SplitData:
+    """The first `labeled` images labeled, the others unlabeled (with
+    `unlabeled_includes_labeled` the unlabeled set is all `n`)."""
+    x, y = synthetic_digits(n)
+    return SplitData(x[:labeled], y[:labeled], x[labeled:])
+
+
+def _train(arch: str = "mlp", seed: int = 0, **kw):
+    """sgan.train on 60 synthetic digits (20 labeled, 40 validation); the hooks and
+    `resume` go to the `Run`, every other keyword to the config."""
     torch.manual_seed(seed)
+    hooks = {k: kw.pop(k) for k in RUN_HOOKS if k in kw}
+    cfg = sgan_config(arch, **kw)
+    model, _ = sgan.build(cfg, n_classes=10)
     x, y = synthetic_digits(60)
-    model = small_gan(arch, input_noise=0.1, hidden_noise=0.1)
-    settings = {**TRAIN, **overrides}
-    result = train_sgan(
-        model, x[:20], y[:20], x, generator=torch.Generator().manual_seed(seed),
-        x_val=x[20:], y_val=y[20:], **settings,
-    )  # fmt: skip
-    return model, result
+    run = Run(torch.device("cpu"), torch.Generator().manual_seed(seed), x[20:], y[20:], **hooks)
+    return model, sgan.train(model, _data(), cfg, run)
+
+
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_build_saves_the_discriminator_as_the_model_and_the_generator_beside_it(arch):
+    model, parts = sgan.build(sgan_config(arch), n_classes=10)
+    assert parts["model"].module is model.discriminator
+    assert parts["generator"].module is model.generator
+    assert parts["model"].arch == f"sgan_{arch}_discriminator"
+    assert parts["generator"].arch == f"sgan_{arch}_generator"
+    # Each part rebuilds from its record alone, as a checkpoint does.
+    for net in parts.values():
+        rebuilt = build_model(net.arch, **net.config)
+        rebuilt.load_state_dict(net.module.state_dict())
+    assert parts["model"].config["hidden_noise"] == 0.1 and parts["generator"].config["z_size"] == 8
 
 
 @pytest.mark.parametrize("arch", ["conv", "mlp"])
@@ -201,6 +227,7 @@ def test_training_logs_losses_and_is_deterministic(arch):
     for name in ("loss_supervised", "loss_unsupervised", "loss_feature_matching", "d_real"):
         assert math.isfinite(logged[f"train/{name}"])
     assert 0 <= logged["val/accuracy"] <= 1
+    assert first.images_seen == 3 * 4 * (10 + 12 + 12)
     # Both networks changed.
     _, untouched = _train(arch, epochs=1, steps_per_epoch=1, lr=1e-12, generator_lr=1e-12)
     for part in ("discriminator.", "generator."):
@@ -211,12 +238,47 @@ def test_training_logs_losses_and_is_deterministic(arch):
         )
 
 
+@pytest.mark.parametrize("arch", ["conv", "mlp"])
+def test_each_network_gets_only_its_own_gradient(arch):
+    # Without noise the passes are deterministic: the step's gradient on the generator must
+    # be the feature-matching loss's alone, and on the discriminator that of its own losses
+    # (generated images detached, the discriminator frozen under feature matching).
+    torch.manual_seed(0)
+    cfg = sgan_config(arch, input_noise=0.0, hidden_noise=0.0, unsupervised_weight=0.7)
+    model, _ = sgan.build(cfg, n_classes=10)
+    disc, gen = model.discriminator, model.generator
+    step = sgan.train_step(model, _data(), cfg, Run(torch.device("cpu"), torch.Generator()))
+    x_l, y_l, x_u, z = step.draw()
+
+    def gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad for p in model.parameters()]
+
+    step_grads = gradients(step.loss(x_l, y_l, x_u, z)[0])
+    fake = gen(z)
+    own = supervised_loss(disc.logits_k1(x_l), y_l) + 0.7 * unsupervised_loss(
+        disc.logits_k1(x_u), disc.logits_k1(fake.detach())
+    )
+    disc_grads = gradients(own)
+    generator_grads = gradients(feature_matching_loss(disc.features(x_u), disc.features(gen(z))))
+    n_disc = len(list(disc.parameters()))
+    assert all(g is None for g in disc_grads[n_disc:])  # nothing reached the generator
+    for got, want in zip(step_grads[:n_disc], disc_grads[:n_disc], strict=True):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    for got, want in zip(step_grads[n_disc:], generator_grads[n_disc:], strict=True):
+        assert want is not None and want.abs().sum() > 0
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_every_epoch_logs_a_grid_of_the_fixed_noise_samples():
-    grids = []
-    z = torch.rand(6, 8)
-    _train(epochs=2, grid_z=z, on_epoch=lambda stats: grids.append(stats))
-    grids = [stats[f"generated/{n}"] for n, stats in enumerate(grids, 1)]
+    logged = []
+    model, _ = _train(epochs=2, on_epoch=logged.append)
+    grids = [stats[f"generated/{n}"] for n, stats in enumerate(logged, 1)]
     assert len(grids) == 2 and grids[0].shape == (28, 6 * 29 - 1)  # one row of six
+    # The fixed noise: the trained generator's grid is the last epoch's.
+    final = sgan.images(model, sgan_config(epochs=2), Run(torch.device("cpu"), torch.Generator()))
+    assert (final["generated"] == grids[-1]).all()
 
 
 def test_a_collapsed_generator_stops_training_with_a_message():
@@ -227,8 +289,11 @@ def test_a_collapsed_generator_stops_training_with_a_message():
 
 
 def test_a_nan_loss_stops_gan_training():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(sgan_config(), unsupervised_weight=float("nan"))
+    model, _ = sgan.build(cfg, n_classes=10)
     with pytest.raises(TrainingDiverged, match="loss is nan"):
-        _train(unsupervised_weight=float("nan"))
+        sgan.train(model, _data(), cfg, Run(torch.device("cpu"), torch.Generator()))
 
 
 def test_early_stopping_waits_patience_epochs_after_the_best_validation_epoch():
@@ -256,6 +321,7 @@ def test_an_interrupted_gan_run_resumes_to_the_same_result(options):
     saved = []
     with pytest.raises(RuntimeError):
         _train(epochs=3, **options, on_checkpoint=saved.append, on_epoch=_stop_at(2))
+    assert {"ema", "scheduler"} <= saved[-1].keys()
     if options.get("adaptive_threshold"):
         memory = saved[-1]["step_state"]["confident_class"]
         assert (memory >= 0).any() and len(memory) == 60
@@ -285,15 +351,18 @@ def test_a_teacher_gives_the_pseudo_labels_from_a_noisy_pass_without_gradient(
     teacher_logits, confident
 ):
     torch.manual_seed(0)
-    x, y = synthetic_digits(30)
-    model = small_gan("conv", input_noise=0.1, hidden_noise=0.1)
-    teacher = ConstantTeacher(teacher_logits).eval()
-    step = sgan_step(
-        model, x[:10], y[:10], x, batch_size=10, unlabeled_batch_size=12,
-        unsupervised_weight=1.0, augment=AUGMENT, augment_unlabeled=True,
-        generator=torch.Generator().manual_seed(0), pseudo_label_weight=1.0, threshold=0.95,
-        strong_augment=AUGMENT, teacher=teacher,
+    cfg = sgan_config(
+        "conv", batch_size=10, unlabeled_batch_size=12, unlabeled_includes_labeled=False,
+        pseudo_label_weight=1.0, threshold=0.95, teacher="ema",
     )  # fmt: skip
+    model, _ = sgan.build(cfg, n_classes=10)
+    # The mean teacher's discriminator, swapped for one whose answer is known.
+    ema = moving_average(model, cfg.ema_decay)
+    teacher = ConstantTeacher(teacher_logits).eval()
+    ema.module.discriminator = teacher
+    x, y = synthetic_digits(30)
+    run = Run(torch.device("cpu"), torch.Generator().manual_seed(0))
+    step = sgan.train_step(model, SplitData(x[:10], y[:10], x), cfg, run, ema)
     loss, stats = step()
     # Uniform teacher logits are never confident (no pseudo-label loss); a sure teacher
     # labels every image class 3, whatever the discriminator itself predicts.
@@ -304,9 +373,22 @@ def test_a_teacher_gives_the_pseudo_labels_from_a_noisy_pass_without_gradient(
     assert teacher.logits.grad is None
 
 
-def test_an_ema_teacher_without_a_moving_average_is_a_clear_error():
-    with pytest.raises(PipelineError, match="teacher: ema needs a moving average"):
-        _train(ema_decay=0.0, teacher="ema", **FLEXMATCH)
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"ema_decay": 0, "teacher": "ema"}, "train.sgan.teacher is ema but ema_decay is 0"),
+        ({"feature_layer": 0}, "train.sgan.feature_layer is 0; layers count from 1"),
+        ({"arch": "conv", "conv": {**SECTION["conv"], "generator": {"channels": [8, 4, 2]}}},
+         "train.sgan.conv.generator.channels needs exactly 2 entries"),
+        ({"arch": "gru"}, "train.sgan.arch must be one of conv, mlp"),
+        ({"mlp": {"discriminator": {"hidden": [32]}}}, "missing key train.sgan.mlp.generator"),
+    ],
+)  # fmt: skip
+def test_a_bad_sgan_section_is_refused_in_one_line_naming_the_key(change, message):
+    section = {**SECTION, **change}
+    with pytest.raises(PipelineError, match=message) as error:
+        parse_config(sgan.Config, section, "train.sgan")
+    assert "\n" not in str(error.value)
 
 
 def _stop_at(epoch: int):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from stages.lib.config import PipelineError
-from stages.lib.data import class_balanced_split
+
+from fewlabels.config import PipelineError
+from fewlabels.data import class_balanced_split
 
 # An unbalanced tiny training set: class c has 30 + 3c images.
 LABELS = np.concatenate([np.full(30 + 3 * c, c) for c in range(10)])

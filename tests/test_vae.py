@@ -1,4 +1,5 @@
-"""The M1 VAE, its trainer, and the SVM fitted on its latent means."""
+"""The M1 VAE (fewlabels/models/vae.py), its trainer (fewlabels/methods/vae.py), and the SVM
+fitted on its latent means (fewlabels/svm.py)."""
 
 from __future__ import annotations
 
@@ -7,28 +8,47 @@ import math
 import numpy as np
 import pytest
 import torch
-from stages.lib.config import PipelineError
-from stages.lib.data import to_input
-from stages.lib.io import load_model, save_checkpoint
-from stages.lib.svm import cv_folds, fit_rbf_svm, load_svm, save_svm
-from stages.lib.train import TrainingDiverged
-from stages.lib.vae import VAE, encode_means, kl_to_standard_normal, train_vae, vae_loss
 from torch.distributions import Normal, kl_divergence
 
-from tests.test_train import Interrupt, synthetic_digits
+from fewlabels.checkpoint import load_model, save_checkpoint
+from fewlabels.config import PipelineError, parse_config
+from fewlabels.data import to_input
+from fewlabels.methods import parse_method_config, vae
+from fewlabels.methods.vae import kl_to_standard_normal, vae_loss, vae_step
+from fewlabels.models import Network
+from fewlabels.models.vae import VAE
+from fewlabels.svm import cv_folds, encode_means, fit_rbf_svm, load_svm, save_svm
+from fewlabels.train import Run, TrainingDiverged
+from tests.conftest import synthetic_digits
 
 TINY = {"latent": 3, "hidden": [32, 16]}
+RUN_HOOKS = ("on_epoch", "on_checkpoint", "resume")
 
 
-def _train(seed: int, model: VAE | None = None, *, epochs: int = 3, **kwargs):
-    """Train a tiny VAE on 40 synthetic digits; kwargs go to train_vae."""
+class Interrupt(Exception):
+    pass
+
+
+def vae_config(**overrides) -> vae.Config:
+    """A tiny vae_svm section, checked like the stages check params.yaml's."""
+    section = {
+        "dataset": "mnist", "budgets": [100], **TINY, "epochs": 3, "batch_size": 16,
+        "lr": 0.003, "lr_schedule": "constant", "kl_weight": 1.0, "kl_warmup_epochs": 0,
+        "pool_size": 0, "standardize": False, "svm_c": [1, 10], "svm_gamma": [1],
+        "cv_folds": 5, **overrides,
+    }  # fmt: skip
+    return parse_config(vae.Config, section, "vae_svm")
+
+
+def _train(seed: int, model: VAE | None = None, **kw):
+    """Train a tiny VAE on 40 synthetic digits; the hooks and `resume` go to the `Run`,
+    every other keyword to the config."""
     torch.manual_seed(seed)
-    model = model if model is not None else VAE(**TINY)
-    result = train_vae(
-        model, synthetic_digits()[0],
-        epochs=epochs, batch_size=16, lr=0.003, device=torch.device("cpu"),
-        generator=torch.Generator().manual_seed(seed), **kwargs,
-    )  # fmt: skip
+    hooks = {k: kw.pop(k) for k in RUN_HOOKS if k in kw}
+    cfg = vae_config(**kw)
+    model = model if model is not None else vae.build(cfg, n_classes=10)[0]
+    run = Run(torch.device("cpu"), torch.Generator().manual_seed(seed), **hooks)
+    result = vae.train(model, synthetic_digits()[0], cfg, run)
     return model, result
 
 
@@ -106,8 +126,11 @@ def test_training_is_deterministic_for_a_seed():
         assert torch.equal(a.last_state[key], b.last_state[key])
 
 
-def test_an_interrupted_run_resumes_to_the_same_result():
-    _, reference = _train(seed=3, epochs=4)
+# The KL warm-up and the cosine learning rate are functions of the step: a resumed run
+# must pick both curves up where it stopped.
+@pytest.mark.parametrize("curves", [{}, {"kl_warmup_epochs": 3, "lr_schedule": "cosine"}])
+def test_an_interrupted_run_resumes_to_the_same_result(curves):
+    _, reference = _train(seed=3, epochs=4, **curves)
     saved = []
 
     def stop_after_epoch_2(stats):
@@ -115,9 +138,10 @@ def test_an_interrupted_run_resumes_to_the_same_result():
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        _train(seed=3, epochs=4, on_checkpoint=saved.append, on_epoch=stop_after_epoch_2)
+        _train(seed=3, epochs=4, **curves, on_checkpoint=saved.append, on_epoch=stop_after_epoch_2)
+    assert saved[-1]["scheduler"]["last_epoch"] == 2 * 3  # 40 images, batches of 16
     # Other seed on purpose: everything that matters must come from the checkpoint.
-    _, resumed = _train(seed=99, epochs=4, resume=saved[-1])
+    _, resumed = _train(seed=99, epochs=4, **curves, resume=saved[-1])
     assert resumed.history == reference.history
     for key, value in reference.last_state.items():
         assert torch.equal(resumed.last_state[key], value)
@@ -146,13 +170,52 @@ def test_a_nan_loss_stops_training_with_a_message_and_keeps_the_last_checkpoint(
 
 
 def test_a_saved_vae_loads_back_through_load_model(tmp_path):
-    model = VAE(**TINY)
-    save_checkpoint(tmp_path / "model.pt", model, "vae", TINY, {"dataset": "mnist"})
+    model, parts = vae.build(vae_config(), n_classes=10)
+    assert parts["model"] == Network(model, "vae", TINY)
+    save_checkpoint(tmp_path / "model.pt", parts["model"], {"dataset": "mnist"})
     loaded, meta = load_model(tmp_path / "model.pt", "train_vae")
     assert meta == {"dataset": "mnist"}
     x = synthetic_digits(4)[0]
     cpu = torch.device("cpu")
     assert torch.equal(encode_means(loaded, x, 4, cpu), encode_means(model, x, 4, cpu))
+
+
+def test_a_step_takes_the_next_batch_of_one_random_pass_per_epoch():
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1).expand(40, 28, 28).contiguous()
+    model = VAE(**TINY)
+    step = vae_step(model, images, vae_config(), Run(torch.device("cpu"), torch.Generator()), 0)
+    epoch = [step.draw() for _ in range(3)]
+    assert [len(xb) for xb, _ in epoch] == [16, 16, 8]  # the last batch shorter
+    assert all(noise.shape == (len(xb), 3) for xb, noise in epoch)
+    seen = torch.cat([xb[:, 0, 0, 0] for xb, _ in epoch]) * 255
+    assert sorted(seen.round().long().tolist()) == list(range(40))  # every image once
+    assert step.images == 16
+
+
+def test_the_config_says_which_keys_shape_the_vae():
+    cfg = vae_config(budgets=[100, 600], kl_weight=0.05)
+    assert cfg.training() == {
+        "latent": 3, "hidden": [32, 16], "epochs": 3, "batch_size": 16, "lr": 0.003,
+        "lr_schedule": "constant", "kl_weight": 0.05, "kl_warmup_epochs": 0,
+    }  # fmt: skip
+    section = {**TINY, **{k: v for k, v in vars(cfg).items() if k not in TINY}}
+    assert parse_method_config("vae", {"train": {}, "vae_svm": section}) == cfg
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kl_weight": 0}, "vae_svm.kl_weight must be a number > 0"),
+        ({"budgets": [100, 100]}, "vae_svm.budgets must be a list without repeated items"),
+        ({"cv_folds": 1}, "vae_svm.cv_folds must be an integer >= 2"),
+        ({"dataset": "cifar"}, "vae_svm.dataset must be one of mnist, fashion-mnist"),
+        ({"beta": 0.1}, "unknown key vae_svm.beta"),
+    ],
+)
+def test_a_bad_vae_section_is_refused_in_one_line_naming_the_key(change, message):
+    with pytest.raises(PipelineError, match=message) as error:
+        vae_config(**change)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,18 @@
 """Benchmark: training throughput of every trainer, and stage timings of a full `dvc repro`.
 
-    python -m stages.bench                      # throughput -> metrics/bench.json "throughput"
-    python -m stages.bench --trainers sgan vae  # some trainers only
-    python -m stages.bench --repro smoke        # time each stage -> metrics/bench.json "repro"
+    python -m tools.bench                      # throughput -> metrics/bench.json "throughput"
+    python -m tools.bench --trainers sgan vae  # some trainers only
+    python -m tools.bench --repro smoke        # time each stage -> metrics/bench.json "repro"
 
-Throughput: each trainer at its default architecture and batch size (params.yaml), on real
-MNIST, on params' `device`. Images per second (labeled + unlabeled + generated images of a
-step) with the trainer's own data path and with the model alone on one pre-drawn batch;
-their ratio and the data path's cost. The SGAN with the report's conv architecture is also
-fed by a straightforward per-sample Dataset + DataLoader, the reference. Not a pipeline
-stage: the figures depend on the machine.
+Throughput: every method of params.yaml's `train` section (its own `train_step` on the
+split, as stage train@<method> trains it), then the trainers that are not split methods
+(the cnn5 ceiling, the retrain, the VAE, and the SGAN at the report's conv architecture),
+each at params.yaml's sizes, on real MNIST, on params' `device`. Images per second
+(labeled + unlabeled + generated images of a step) with the trainer's own data path and
+with the model alone on one pre-drawn batch; their ratio and the data path's cost. The
+SGAN with the report's conv architecture is also fed by a straightforward per-sample
+Dataset + DataLoader, the reference. Not a pipeline stage: the figures depend on the
+machine.
 
 Repro: a copy of the repository as a fresh clone has it (a new git repository, profile
 applied), each stage run in pipeline order with `dvc repro --force --single-item`; wall time and
@@ -21,19 +24,37 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
-from .lib.bench import (
+from fewlabels.config import (
+    DATASET_CLASSES,
+    NO_AUGMENT,
+    PipelineError,
+    load_params,
+    parse_config,
+    resolve_device,
+    run_stage,
+    seed_everything,
+)
+from fewlabels.data import class_balanced_split
+from fewlabels.methods import ceilings, load_method, parse_method_config, retrain, sgan, vae
+from fewlabels.models import Network
+from fewlabels.paths import METRICS_DIR, SPLIT_FILE, load_raw, load_split
+from fewlabels.supervised import classifier_step
+from fewlabels.train import Run, SplitData, Step
+
+from .bench_lib import (
     StageRun,
     Update,
     adam_update,
     device_name,
-    ema_copy,
+    ema_teacher,
     measure,
     prepare,
     repro_summary,
@@ -45,24 +66,6 @@ from .lib.bench import (
     time_stages,
     update_json,
 )
-from .lib.config import (
-    CEILINGS,
-    DATASET_CLASSES,
-    PipelineError,
-    load_params,
-    resolve_device,
-    run_stage,
-    seed_everything,
-)
-from .lib.data import NO_AUGMENT, class_balanced_split
-from .lib.nets import build_model, waterloo_config
-from .lib.paths import METRICS_DIR, SPLIT_FILE, load_raw, load_split
-from .lib.semi import STEP_KEYS as CONSISTENCY_STEP_KEYS
-from .lib.semi import class_centroids, consistency_step
-from .lib.sgan import STEP_KEYS as SGAN_STEP_KEYS
-from .lib.sgan import build_sgan, sgan_step, unlabeled_indices
-from .lib.train import Step, classifier_step
-from .lib.vae import VAE, vae_step
 
 BENCH_FILE = METRICS_DIR / "bench.json"
 MAX_COST_PCT = 10.0  # target: the data path costs under 10% of the model-only throughput
@@ -73,12 +76,14 @@ SGAN_REPORT_CONV = {
     "generator": {"channels": [128, 64]},
 }
 PROFILES = ("smoke", "default")
+SIZE_KEYS = ("channels", "hidden", "latent")  # what `describe` shows of a network's config
 
 
 @dataclass
 class Case:
-    """A trainer ready to time: its step, its optimizer update, what it trains."""
+    """A trainer ready to time: what it trains, its step, its optimizer update."""
 
+    model: nn.Module
     step: Step
     update: Update
     about: str
@@ -90,17 +95,23 @@ class Setup:
     params: dict[str, Any]
     device: torch.device
     generator: torch.Generator
+    load: Callable[[str], dict[str, Tensor]] = load_raw  # a dataset's arrays, on the CPU
+    loaded: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
 
-    @staticmethod
-    @cache
-    def raw(dataset: str) -> dict[str, torch.Tensor]:
-        return load_raw(dataset)
+    def raw(self, dataset: str) -> dict[str, Tensor]:
+        if dataset not in self.loaded:
+            self.loaded[dataset] = self.load(dataset)
+        return self.loaded[dataset]
 
-    def train_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def run(self) -> Run:
+        return Run(self.device, self.generator)
+
+    def train_set(self) -> tuple[Tensor, Tensor]:
         data = self.raw(self.params["dataset"])
         return data["x_train"], data["y_train"]
 
-    def split(self) -> dict[str, torch.Tensor]:
+    def split(self) -> dict[str, Tensor]:
         """The split stage's sets: its file when present, else drawn as it draws them."""
         if SPLIT_FILE.exists():
             return load_split()
@@ -114,165 +125,135 @@ class Setup:
         )
         return {key: torch.from_numpy(value) for key, value in drawn.items()}
 
+    def split_data(self, unlabeled_includes_labeled: bool = False) -> SplitData:
+        """The split's images on the device, as stage train@<method> hands them over."""
+        (x, y), split = self.train_set(), self.split()
+        labeled, unlabeled = split["labeled_idx"], split["unlabeled_idx"]
+        if unlabeled_includes_labeled:
+            unlabeled = torch.cat([labeled, unlabeled])
+        return SplitData(*(t.to(self.device) for t in (x[labeled], y[labeled], x[unlabeled])))
+
     @property
     def n_classes(self) -> int:
         return DATASET_CLASSES[self.params["dataset"]]
 
 
-def baseline(s: Setup) -> Case:
-    cfg = s.params["train_baseline"]
-    arch_config = {key: cfg[key] for key in ("channels", "hidden", "dropout")}
-    model = prepare(build_model("baseline_cnn", n_classes=s.n_classes, **arch_config), s.device)
-    x, y = s.train_set()
-    labeled = s.split()["labeled_idx"]
-    step = classifier_step(
-        model,
-        x[labeled],
-        y[labeled],
-        batch_size=cfg["batch_size"],
-        augment=cfg["augment"],
-        generator=s.generator,
+def describe(parts: dict[str, Network]) -> str:
+    """Each saved network of a trainer: its architecture and sizes."""
+    return "; ".join(
+        f"{net.arch} " + ", ".join(f"{k} {net.config[k]}" for k in SIZE_KEYS if k in net.config)
+        for net in parts.values()
     )
-    update = adam_update(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    return Case(step, update, f"baseline_cnn {cfg['channels']}; {len(labeled)} labeled images")
+
+
+def split_method(name: str, s: Setup) -> Case:
+    """Method `name` of params.yaml's `train` section, as stage train@<method> trains it:
+    its `build` and `train_step` on the split, with the moving-average teacher when its
+    config has `teacher: ema`; Adam over all its parameters at `lr`."""
+    method, cfg = load_method(name), parse_method_config(name, s.params)
+    model, parts = method.build(cfg, s.n_classes)
+    model = prepare(model, s.device)
+    data = s.split_data()
+    teacher = getattr(cfg, "teacher", None) == "ema"
+    ema = ema_teacher(model, cfg.ema_decay, s.device) if teacher else None
+    step = method.train_step(model, data, cfg, s.run, ema)
+    weight_decay = getattr(cfg, "weight_decay", 0.0)
+    update = adam_update(model.parameters(), lr=cfg.lr, weight_decay=weight_decay)
+    images = f"{len(data.x_labeled)} labeled, {len(data.x_unlabeled)} unlabeled images"
+    return Case(model, step, update, f"{describe(parts)}; {images}")
 
 
 def ceiling_cnn5(s: Setup) -> Case:
-    cfg = s.params["train_ceilings"]
-    arch, arch_config = CEILINGS["cnn5"]
-    model = prepare(build_model(arch, n_classes=s.n_classes, **arch_config), s.device)
-    augment = cfg["augment"] if cfg["models"]["cnn5"]["augment"] else NO_AUGMENT
-    x, y = s.train_set()
-    step = classifier_step(
-        model, x, y, batch_size=cfg["batch_size"], augment=augment, generator=s.generator
-    )
-    update = adam_update(model.parameters(), lr=cfg["lr"])
-    return Case(step, update, f"{arch} {arch_config['channels']}; all {len(x)} training images")
+    cfg = parse_method_config("ceilings", s.params)
+    model, parts = ceilings.build("cnn5", s.n_classes)
+    model = prepare(model, s.device)
+    augment = cfg.augment if cfg.models.cnn5.augment else NO_AUGMENT
+    x, y = (t.to(s.device) for t in s.train_set())
+    step = classifier_step(model, x, y, cfg.batch_size, augment, s.run)
+    update = adam_update(model.parameters(), lr=cfg.lr)
+    return Case(model, step, update, f"{describe(parts)}; all {len(x)} training images")
 
 
-def consistency(s: Setup) -> Case:
-    cfg = s.params["train_consistency"]
-    model = prepare(build_model("waterloo_cnn", **waterloo_config(cfg, s.n_classes)), s.device)
-    x, y = s.train_set()
-    split = s.split()
-    x_l, y_l = x[split["labeled_idx"]], y[split["labeled_idx"]]
-    teacher = ema_copy(model, s.device) if cfg["teacher"] == "ema" else None
-    centroids = []
-    if cfg["weights"]["cluster"] > 0:  # the trainer refreshes them once an epoch
-        centroids = [class_centroids(model, x_l.to(s.device), y_l.to(s.device), s.n_classes)]
-    step = consistency_step(
-        model,
-        x_l,
-        y_l,
-        x[split["unlabeled_idx"]],
-        generator=s.generator,
-        teacher=teacher,
-        centroids=centroids,
-        **{key: cfg[key] for key in CONSISTENCY_STEP_KEYS},
-    )
-    update = adam_update(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    n_unlabeled = len(split["unlabeled_idx"])
-    about = f"waterloo_cnn {cfg['channels']}; {len(x_l)} labeled, {n_unlabeled} unlabeled images"
-    return Case(step, update, about)
-
-
-def retrain(s: Setup) -> Case:
-    cfg = s.params["retrain"]
-    model = prepare(build_model("waterloo_cnn", **waterloo_config(cfg, s.n_classes)), s.device)
+def retrain_cnn(s: Setup) -> Case:
+    cfg = parse_method_config("retrain", s.params)
+    model, parts = retrain.build(cfg, s.n_classes)
+    model = prepare(model, s.device)
     # The training images with their own labels stand in for labeled + pseudo-labeled ones
     # (at most as many): the step's cost does not depend on the labels' values.
-    x, y = s.train_set()
-    step = classifier_step(
-        model, x, y, batch_size=cfg["batch_size"], augment=cfg["augment"], generator=s.generator
-    )
-    update = adam_update(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    return Case(step, update, f"waterloo_cnn {cfg['channels']}; {len(x)} (pseudo-)labeled images")
+    x, y = (t.to(s.device) for t in s.train_set())
+    step = classifier_step(model, x, y, cfg.batch_size, cfg.augment, s.run)
+    update = adam_update(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return Case(model, step, update, f"{describe(parts)}; {len(x)} (pseudo-)labeled images")
 
 
-def sgan(s: Setup, arch_cfg: dict[str, Any] | None = None, reference: bool = False) -> Case:
-    """The SGAN at `arch_cfg` (default: params' own architecture), with the reference
-    DataLoader batch source when `reference`. Given `arch_cfg` (the report's conv sizes),
-    it is the report's recipe: no pseudo-labels, which the reference cannot draw."""
-    cfg = s.params["train_sgan"]
-    if arch_cfg is not None:
-        cfg = {**cfg, "arch": "conv", "pseudo_label_weight": 0.0}
-    model, _, _ = build_sgan(cfg, s.n_classes, arch_cfg)
+def sgan_conv_report(s: Setup) -> Case:
+    """The SGAN at the report's conv sizes and recipe (no pseudo-labels, which the
+    reference cannot draw), trained as its stage trains it (one Adam with the
+    discriminator's and the generator's learning rates, `beta1`), and the reference loop
+    on its own copy of the model, so the two do not share weights."""
+    section = {
+        **s.params["train"]["sgan"],
+        "arch": "conv",
+        "conv": SGAN_REPORT_CONV,
+        "pseudo_label_weight": 0.0,
+    }
+    cfg = parse_config(sgan.Config, section, "train.sgan")
+    model, parts = sgan.build(cfg, s.n_classes)
     model = prepare(model, s.device)
-    x, y = s.train_set()
-    split = s.split()
-    labeled = split["labeled_idx"]
-    unlabeled = unlabeled_indices(split, cfg["unlabeled_includes_labeled"])
-    step = sgan_step(
-        model,
-        x[labeled],
-        y[labeled],
-        x[unlabeled],
-        **{key: cfg[key] for key in SGAN_STEP_KEYS},
-        generator=s.generator,
-        teacher=ema_copy(model, s.device).discriminator if cfg["teacher"] == "ema" else None,
-    )
+    data = s.split_data(cfg.unlabeled_includes_labeled)
+    ema = ema_teacher(model, cfg.ema_decay, s.device) if cfg.teacher == "ema" else None
+    step = sgan.train_step(model, data, cfg, s.run, ema)
     update = adam_update(
         [
-            {"params": list(model.discriminator.parameters()), "lr": cfg["lr"]},
-            {"params": list(model.generator.parameters()), "lr": cfg["generator_lr"]},
+            {"params": list(model.discriminator.parameters()), "lr": cfg.lr},
+            {"params": list(model.generator.parameters()), "lr": cfg.generator_lr},
         ],
-        lr=cfg["lr"],
-        betas=(cfg["beta1"], 0.999),
+        lr=cfg.lr,
+        betas=(cfg.beta1, 0.999),
     )
-    ref = None
-    if reference:  # on its own copy of the model, so the two do not share weights
-        reference_model, _, _ = build_sgan(cfg, s.n_classes, arch_cfg)
-        ref = sgan_reference_step(
-            reference_model,
-            x[labeled],
-            y[labeled],
-            x[unlabeled],
-            **{
-                k: cfg[k]
-                for k in ("batch_size", "unlabeled_batch_size", "augment", "augment_unlabeled")
-            },
-            **{k: cfg[k] for k in ("lr", "generator_lr", "beta1")},
-            device=s.device,
-        )
-    shape = "; ".join(
-        f"{part} " + ", ".join(f"{key} {value}" for key, value in sizes.items())
-        for part, sizes in (arch_cfg or cfg[cfg["arch"]]).items()
+    reference = sgan_reference_step(
+        sgan.build(cfg, s.n_classes)[0],
+        *(t.cpu() for t in (data.x_labeled, data.y_labeled, data.x_unlabeled)),
+        batch_size=cfg.batch_size,
+        unlabeled_batch_size=cfg.unlabeled_batch_size,
+        augment=cfg.augment,
+        augment_unlabeled=cfg.augment_unlabeled,
+        lr=cfg.lr,
+        generator_lr=cfg.generator_lr,
+        beta1=cfg.beta1,
+        device=s.device,
     )
-    return Case(step, update, f"sgan {cfg['arch']}: {shape}", ref)
+    return Case(model, step, update, describe(parts), reference)
 
 
-def vae(s: Setup) -> Case:
-    cfg = s.params["vae_svm"]
-    model = prepare(VAE(latent=cfg["latent"], hidden=cfg["hidden"]), s.device)
-    images = s.raw(cfg["dataset"])["x_train"]
-    if cfg["pool_size"]:
-        images = images[: cfg["pool_size"]]  # the stage's seeded pool has this many
-    steps_per_epoch = -(-len(images) // cfg["batch_size"])
-    step = vae_step(
-        model,
-        images,
-        batch_size=cfg["batch_size"],
-        generator=s.generator,
-        kl_weight=cfg["kl_weight"],
-        kl_warmup_steps=cfg["kl_warmup_epochs"] * steps_per_epoch,
-    )
-    update = adam_update(model.parameters(), lr=cfg["lr"])
-    return Case(step, update, f"vae {cfg['hidden']} -> {cfg['latent']}; {len(images)} images")
+def vae_m1(s: Setup) -> Case:
+    cfg = parse_method_config("vae", s.params)
+    model, parts = vae.build(cfg, DATASET_CLASSES[cfg.dataset])
+    model = prepare(model, s.device)
+    images = s.raw(cfg.dataset)["x_train"]
+    if cfg.pool_size:
+        images = images[: cfg.pool_size]  # the stage's seeded pool has this many
+    step = vae.vae_step(model, images.to(s.device), cfg, s.run, first_step=0)
+    update = adam_update(model.parameters(), lr=cfg.lr)
+    return Case(model, step, update, f"{describe(parts)}; {len(images)} images")
 
 
-TRAINERS: dict[str, Callable[[Setup], Case]] = {
-    "baseline": baseline,
+# The trainers that are not methods of params.yaml's `train` section.
+OTHER_TRAINERS: dict[str, Callable[[Setup], Case]] = {
     "ceiling_cnn5": ceiling_cnn5,
-    "consistency": consistency,
-    "retrain": retrain,
-    "sgan": sgan,
-    "sgan_conv_report": lambda s: sgan(s, SGAN_REPORT_CONV, reference=True),
-    "vae": vae,
+    "retrain": retrain_cnn,
+    "sgan_conv_report": sgan_conv_report,
+    "vae": vae_m1,
 }
 
 
-def throughput(args: argparse.Namespace) -> None:
-    params = load_params()
+def trainers(params: dict[str, Any]) -> dict[str, Callable[[Setup], Case]]:
+    """Every trainer to time: each method of params.yaml's `train` section, then the others."""
+    return {**{name: partial(split_method, name) for name in params["train"]}, **OTHER_TRAINERS}
+
+
+def throughput(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    available = trainers(params)
     setup = Setup(params, resolve_device(params["device"]), seed_everything(params["seed"]))
     print(f"images/s on {device_name(setup.device)}, fastest of {args.rounds} x {args.steps} steps")
     print(
@@ -281,7 +262,7 @@ def throughput(args: argparse.Namespace) -> None:
     )
     results = {}
     for name in args.trainers:
-        case = TRAINERS[name](setup)
+        case = available[name](setup)
         timings = measure(
             case.step,
             case.update,
@@ -353,6 +334,8 @@ def repro(profile: str, keep: Path | None = None) -> None:
 
 
 def main() -> None:
+    params = load_params()
+    available = trainers(params)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per round (30)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (2)")
@@ -360,10 +343,10 @@ def main() -> None:
     parser.add_argument(
         "--trainers",
         nargs="+",
-        choices=TRAINERS,
-        default=list(TRAINERS),
+        choices=available,
+        default=list(available),
         metavar="NAME",
-        help=f"trainers to time (default all: {', '.join(TRAINERS)})",
+        help=f"trainers to time (default all: {', '.join(available)})",
     )
     parser.add_argument(
         "--repro",
@@ -388,7 +371,7 @@ def main() -> None:
     if args.keep is not None and not args.repro:
         raise PipelineError("--keep only applies to --repro: add --repro smoke or default")
     if not args.repro or args.throughput:
-        throughput(args)
+        throughput(args, params)
     for profile in args.repro or ():
         repro(profile, args.keep)
 

@@ -1,9 +1,9 @@
 """Benchmark helpers: training throughput of a `Step` and wall time / peak memory of stages.
 
 Throughput is measured the way `fit_steps` trains (model in `channels_last` on the device,
-Adam with the trainer's groups and betas; no LR schedule, EMA or validation), in three
-modes that share the model's part of the step (`step.loss`) and differ only in where the
-batch comes from:
+an Adam step per loss; no LR schedule, EMA update or validation), in three modes that
+share the model's part of the step (`step.loss`) and differ only in where the batch comes
+from:
 
 - data path: `step.draw()`, the trainer's own sampler and on-device augmentation;
 - model only: one batch drawn in advance, fed again at every step;
@@ -18,7 +18,7 @@ the clock is read after a synchronisation.
 
 from __future__ import annotations
 
-import copy
+import graphlib
 import json
 import os
 import platform
@@ -34,13 +34,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset
 
-from .config import PipelineError
-from .data import random_affine
-from .io import write_json
-from .sgan import SemiSupervisedGAN, feature_matching_loss, supervised_loss, unsupervised_loss
-from .train import Step
+from fewlabels.config import Affine, PipelineError
+from fewlabels.data import random_affine
+from fewlabels.io import write_json
+from fewlabels.methods.sgan import feature_matching_loss, supervised_loss, unsupervised_loss
+from fewlabels.models.sgan import SemiSupervisedGAN, sample_z
+from fewlabels.train import Step, moving_average
 
 # --- throughput ----------------------------------------------------------------------
 
@@ -73,10 +75,10 @@ def prepare(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device, memory_format=torch.channels_last).train()
 
 
-def ema_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    """A copy of `model` as `fit_steps` keeps its moving average (`channels_last`, eval
-    mode): the pseudo-label teacher of `teacher: ema`."""
-    return prepare(copy.deepcopy(model), device).eval()
+def ema_teacher(model: nn.Module, decay: float, device: torch.device) -> AveragedModel:
+    """`model`'s moving average as `fit_steps` keeps it (`channels_last`, eval mode): the
+    pseudo-label teacher of `teacher: ema`. The benchmark never updates it."""
+    return prepare(moving_average(model, decay), device).eval()
 
 
 def adam_update(
@@ -132,7 +134,10 @@ def measure(
 ) -> dict[str, Timing]:
     """The fastest of `rounds` timings of each mode: "data_path" (`step.draw`),
     "model_only" (one pre-drawn batch, repeated) and, given a `reference` training step
-    (the same images per step), "reference". Every mode first runs `warmup` untimed steps."""
+    (the same images per step), "reference". Every mode first runs `warmup` untimed steps.
+    The step's `on_epoch_start` runs once first, as `fit_steps` runs it before an epoch."""
+    if step.on_epoch_start is not None:
+        step.on_epoch_start(1)
     fixed = step.draw()
     modes: dict[str, Callable[[], Any]] = {
         "data_path": lambda: update(step.loss(*step.draw())[0]),
@@ -183,7 +188,7 @@ class PerSampleImages(Dataset):
     there are none). The DataLoader stacks the items into batches."""
 
     def __init__(
-        self, images: Tensor, labels: Tensor | None = None, augment: dict[str, float] | None = None
+        self, images: Tensor, labels: Tensor | None = None, augment: Affine | None = None
     ) -> None:
         self.images, self.augment = images, augment
         self.labels = labels.long() if labels is not None else torch.full((len(images),), -1)
@@ -193,8 +198,8 @@ class PerSampleImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         x = self.images[i].float().div(255).unsqueeze(0)
-        if self.augment:
-            x = random_affine(x.unsqueeze(0), **self.augment)[0]
+        if self.augment is not None:
+            x = random_affine(x.unsqueeze(0), self.augment)[0]
         return x, self.labels[i]
 
 
@@ -212,7 +217,7 @@ def sgan_reference_step(
     *,
     batch_size: int,
     unlabeled_batch_size: int,
-    augment: dict[str, float],
+    augment: Affine,
     augment_unlabeled: bool,
     lr: float,
     generator_lr: float,
@@ -223,7 +228,8 @@ def sgan_reference_step(
     DataLoaders over `PerSampleImages` (in the main process), the model in the default
     memory layout, then a discriminator update (labeled, unlabeled and generated images)
     and a separate generator update (new samples; feature matching against the unlabeled
-    batch, whose features are computed again). The same images per step as `sgan_step`."""
+    batch, whose features are computed again). The same images per step as the SGAN's
+    `train_step`."""
     model = model.to(device, memory_format=torch.contiguous_format).train()
     disc, gen = model.discriminator, model.generator
     labeled = endless(
@@ -232,20 +238,24 @@ def sgan_reference_step(
     unlabeled_set = PerSampleImages(x_unlabeled, augment=augment if augment_unlabeled else None)
     unlabeled = endless(DataLoader(unlabeled_set, unlabeled_batch_size, shuffle=True))
     betas = (beta1, 0.999)
+
+    def sample(n: int) -> Tensor:
+        return gen(sample_z(n, gen.z_size).to(device))
+
     optimizer_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=betas)
     optimizer_g = torch.optim.Adam(gen.parameters(), lr=generator_lr, betas=betas)
 
     def one_step() -> None:
         x_l, y_l = (t.to(device) for t in next(labeled))
         x_u = next(unlabeled)[0].to(device)
-        fake = model.sample(unlabeled_batch_size)
+        fake = sample(unlabeled_batch_size)
         loss_d = supervised_loss(disc.logits_k1(x_l), y_l) + unsupervised_loss(
             disc.logits_k1(x_u), disc.logits_k1(fake.detach())
         )
         optimizer_d.zero_grad()
         loss_d.backward()
         optimizer_d.step()
-        fake = model.sample(unlabeled_batch_size)
+        fake = sample(unlabeled_batch_size)
         loss_g = feature_matching_loss(disc.features(x_u), disc.features(fake))
         optimizer_g.zero_grad()
         loss_g.backward()
@@ -272,8 +282,10 @@ def update_json(path: Path | str, keys: tuple[str, ...], value: Any) -> dict[str
 
 # --- timing `dvc repro`, stage by stage ----------------------------------------------
 
-# Built outputs and local state that a fresh clone would not have (as tests/test_pipeline.py).
-NOT_COPIED = shutil.ignore_patterns(
+# What a fresh clone would not have (tests/test_pipeline.py copies the repository so too):
+# local state, by name anywhere in the tree, and the pipeline's built outputs, by path from
+# the repository root (fewlabels/models is code, models/ is the trained models).
+LOCAL_STATE = {
     ".git",
     ".venv",
     "venv",
@@ -281,14 +293,36 @@ NOT_COPIED = shutil.ignore_patterns(
     ".pytest_cache",
     ".ruff_cache",
     "dvc_plots",
-    "cache",
-    "tmp",
-    "raw",
-    "split",
-    "features",
-    "pseudo",
+}
+BUILT_OUTPUTS = {
+    ".dvc/cache",
+    ".dvc/tmp",
+    "data/raw",
+    "data/split",
+    "data/features",
+    "data/pseudo",
     "models",
-)
+}
+
+
+def not_copied(root: Path | str) -> Callable[[str, list[str]], set[str]]:
+    """`shutil.copytree`'s `ignore` for a fresh-clone-like copy of the repository at `root`."""
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        here = Path(os.path.relpath(directory, root))
+        return {
+            name
+            for name in names
+            if name in LOCAL_STATE or (here / name).as_posix() in BUILT_OUTPUTS
+        }
+
+    return ignore
+
+
+def copy_repository(source: Path, destination: Path) -> Path:
+    """The repository at `source` copied to `destination` as a fresh clone has it."""
+    shutil.copytree(source, destination, ignore=not_copied(source))
+    return destination
 
 
 def subprocess_env() -> dict[str, str]:
@@ -308,10 +342,10 @@ def run_checked(cwd: Path, *args: str) -> str:
 def scratch_repo(source: Path, destination: Path, profile: str | None) -> Path:
     """A fresh-clone-like copy of the repository at `destination` (a new git repository,
     one commit), with `profile` applied to its params.yaml (None: the defaults)."""
-    shutil.copytree(source, destination, ignore=NOT_COPIED)
+    copy_repository(source, destination)
     run_checked(destination, "git", "init", "-q", "-b", "main")
     if profile is not None:
-        run_checked(destination, sys.executable, "-m", "stages.profile", profile)
+        run_checked(destination, sys.executable, "-m", "tools.profile", profile)
     run_checked(destination, "git", "add", "-A")
     run_checked(
         destination, "git", "-c", "user.name=bench", "-c", "user.email=bench@localhost",
@@ -334,13 +368,22 @@ def parse_dot(dot: str) -> tuple[list[str], list[tuple[str, str]]]:
 
 def topological_order(nodes: list[str], edges: list[tuple[str, str]]) -> list[str]:
     """Every stage after the stages it depends on; otherwise in the order given (dvc.yaml's)."""
-    upstream = {node: {a for a, b in edges if b == node} for node in nodes}
+    sorter = graphlib.TopologicalSorter(
+        {node: {a for a, b in edges if b == node} for node in nodes}
+    )
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as err:
+        raise PipelineError(f"the stage graph has a cycle among {set(err.args[1])}") from None
+    rank = {node: i for i, node in enumerate(nodes)}
+    ready: set[str] = set()
     order: list[str] = []
-    while len(order) < len(nodes):
-        ready = [n for n in nodes if n not in order and upstream[n] <= set(order)]
-        if not ready:
-            raise PipelineError(f"the stage graph has a cycle among {set(nodes) - set(order)}")
-        order.append(ready[0])
+    while sorter.is_active():
+        ready.update(sorter.get_ready())
+        first = min(ready, key=rank.__getitem__)
+        ready.remove(first)
+        order.append(first)
+        sorter.done(first)
     return order
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Any
 
-from .lib.config import PipelineError, run_stage
-from .lib.io import save_figure, write_text
-from .lib.paths import METRICS_DIR, PLOTS_DIR
+from fewlabels.config import PipelineError, run_stage
+from fewlabels.io import save_figure, write_text
+from fewlabels.paths import METRICS_DIR, PLOTS_DIR
 
 SWEPT = ("labels", "seed")
 

@@ -41,12 +41,23 @@ def load_method(name: str) -> ModuleType:
 
 def parse_method_config(name: str, params: dict[str, Any]) -> Any:
     """Method `name`'s typed config from its params.yaml section."""
+    if name in OWN_STAGE_SECTIONS and name in params["train"]:
+        raise PipelineError(
+            f"params.yaml: train.{name}: {name} has a stage and a section of its own "
+            f"({OWN_STAGE_SECTIONS[name]}); remove train.{name}"
+        )
     if name in OWN_STAGE_SECTIONS:
         section = OWN_STAGE_SECTIONS[name]
         return parse_config(load_method(name).Config, params[section], section)
     if name not in params["train"]:
         raise PipelineError(
             f"params.yaml: train has no section {name!r}; its methods: {', '.join(params['train'])}"
+        )
+    split_methods = [m for m in method_names() if m not in OWN_STAGE_SECTIONS]
+    if name not in split_methods:
+        raise PipelineError(
+            f"params.yaml: train.{name} is not a method trained on the split (no module "
+            f"fewlabels/methods/{name}.py with train_step); known: {', '.join(split_methods)}"
         )
     return parse_config(load_method(name).Config, params["train"][name], f"train.{name}")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import ElasticAffine, TrainingConfig, integer, knob, list_of, number
-from ..models import Network, network
+from ..models import Network, classifier
 from ..supervised import classifier_step
 from ..train import Run, SplitData, Step, TrainResult, fit_steps, loop_of
 
@@ -25,14 +25,7 @@ class Config(TrainingConfig):
 
 
 def build(cfg: Config, n_classes: int) -> tuple[nn.Module, dict[str, Network]]:
-    net = network(
-        "baseline_cnn",
-        n_classes=n_classes,
-        channels=cfg.channels,
-        hidden=cfg.hidden,
-        dropout=cfg.dropout,
-    )
-    return net.module, {"model": net}
+    return classifier("baseline_cnn", n_classes, cfg, ("channels", "hidden", "dropout"))
 
 
 def train_step(model: nn.Module, data: SplitData, cfg: Config, run: Run, ema: None = None) -> Step:

@@ -30,7 +30,7 @@ from ..config import (
 from ..data import random_affine, random_cutout, random_thicken, to_input
 from ..evaluation import map_batches
 from ..losses import PseudoLabelLoss, entropy_loss
-from ..models import Network, network
+from ..models import WATERLOO_SIZES, Network, classifier
 from ..train import Run, SplitData, Step, TrainResult, fit_steps, loop_of, moving_average
 
 DESCRIPTION = "Waterloo CNN + unlabeled losses (thresholded pseudo-labels, EMA)"
@@ -70,20 +70,8 @@ class Config(TrainingConfig):
         check_teacher(self.teacher, self.ema_decay, key)
 
 
-def waterloo_cnn(cfg: Config, n_classes: int) -> Network:
-    """The Waterloo report's CNN sized by a config with `channels`, `hidden`, `batch_norm`."""
-    return network(
-        "waterloo_cnn",
-        n_classes=n_classes,
-        channels=cfg.channels,
-        hidden=cfg.hidden,
-        batch_norm=cfg.batch_norm,
-    )
-
-
 def build(cfg: Config, n_classes: int) -> tuple[nn.Module, dict[str, Network]]:
-    net = waterloo_cnn(cfg, n_classes)
-    return net.module, {"model": net}
+    return classifier("waterloo_cnn", n_classes, cfg, WATERLOO_SIZES)
 
 
 def cluster_loss(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import Affine, TrainingConfig, boolean, integer, knob, list_of, number
-from ..models import Network, network
+from ..models import WATERLOO_SIZES, Network, classifier
 from ..supervised import train_supervised
 from ..train import Run, TrainResult, loop_of
 
@@ -29,14 +29,7 @@ class Config(TrainingConfig):
 
 
 def build(cfg: Config, n_classes: int) -> tuple[nn.Module, dict[str, Network]]:
-    net = network(
-        "waterloo_cnn",
-        n_classes=n_classes,
-        channels=cfg.channels,
-        hidden=cfg.hidden,
-        batch_norm=cfg.batch_norm,
-    )
-    return net.module, {"model": net}
+    return classifier("waterloo_cnn", n_classes, cfg, WATERLOO_SIZES)
 
 
 def train(

@@ -16,6 +16,7 @@ from ..config import (
     DATASET_CLASSES,
     LR_SCHEDULES,
     boolean,
+    check_budget,
     choice,
     integer,
     knob,
@@ -57,6 +58,10 @@ class Config:
     svm_c: list[float] = knob(list_of(number(0, open_low=True), min_len=1, unique=True))
     svm_gamma: list[float] = knob(list_of(number(0, open_low=True), min_len=1, unique=True))
     cv_folds: int = knob(integer(minimum=2))
+
+    def check(self, key: str) -> None:
+        for labels in self.budgets:
+            check_budget(f"{key}.budgets", labels, DATASET_CLASSES[self.dataset])
 
     def training(self) -> dict[str, object]:
         """The keys that shape the VAE itself (the SVM's do not retrain it)."""

@@ -12,6 +12,8 @@ ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from ..config import Affine, TrainingConfig, boolean, integer, knob, list_of, number
 from ..data import random_affine, to_input
 from ..losses import entropy_loss
-from ..models import Network, network
+from ..models import WATERLOO_SIZES, Network, classifier
 from ..train import Run, SplitData, Step, TrainResult, fit_steps, loop_of
 
 DESCRIPTION = "Waterloo CNN + virtual adversarial training (VAT + entropy minimisation)"
@@ -45,18 +47,14 @@ class Config(TrainingConfig):
 
 
 def build(cfg: Config, n_classes: int) -> tuple[nn.Module, dict[str, Network]]:
-    net = network(
-        "waterloo_cnn",
-        n_classes=n_classes,
-        channels=cfg.channels,
-        hidden=cfg.hidden,
-        batch_norm=cfg.batch_norm,
-    )
-    return net.module, {"model": net}
+    return classifier("waterloo_cnn", n_classes, cfg, WATERLOO_SIZES)
 
 
 def _unit(d: torch.Tensor) -> torch.Tensor:
-    """Each image's perturbation scaled to L2 norm 1."""
+    """Each image's perturbation scaled to L2 norm 1. Scaled by its largest entry first, as
+    the paper's code does: the power iteration's gradient can be far below float32's
+    resolution of a norm (1e-15 per image at `xi` 1e-6)."""
+    d = d / d.flatten(1).abs().amax(1).clamp_min(1e-30).view(-1, 1, 1, 1)
     return d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
@@ -64,6 +62,22 @@ def _kl(logits_target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(p_target || p) averaged over the batch; the target is a fixed distribution."""
     return F.kl_div(logits.log_softmax(1), logits_target.log_softmax(1), log_target=True,
                     reduction="batchmean")  # fmt: skip
+
+
+@contextmanager
+def frozen_batch_statistics(model: nn.Module) -> Iterator[None]:
+    """Batch norm still normalises with each batch's statistics, but the perturbed batches
+    do not move the running statistics that evaluation uses (the paper's
+    `update_batch_stats=False`)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
 
 def virtual_adversarial_loss(
@@ -74,9 +88,10 @@ def virtual_adversarial_loss(
     direction one power iteration from a random `xi`-sized step finds."""
     target = logits.detach()
     d = _unit(torch.randn(x.shape, dtype=x.dtype, device=x.device)).requires_grad_()
-    grad = torch.autograd.grad(_kl(target, model(x + xi * d)), d)[0]
-    r_adv = eps * _unit(grad)
-    return _kl(target, model(x + r_adv))
+    with frozen_batch_statistics(model):
+        grad = torch.autograd.grad(_kl(target, model(x + xi * d)), d)[0]
+        r_adv = eps * _unit(grad)
+        return _kl(target, model(x + r_adv))
 
 
 def train_step(

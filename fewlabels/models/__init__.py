@@ -46,3 +46,16 @@ class Network:
 
 def network(arch: str, **config: Any) -> Network:
     return Network(build_model(arch, **config), arch, config)
+
+
+def classifier(
+    arch: str, n_classes: int, sizes: Any, keys: tuple[str, ...]
+) -> tuple[nn.Module, dict[str, Network]]:
+    """A classifier of `arch` sized by the `keys` of a typed config `sizes`, as a method's
+    `build` returns it: the module to train and its one saved part, `model`."""
+    net = network(arch, n_classes=n_classes, **{key: getattr(sizes, key) for key in keys})
+    return net.module, {"model": net}
+
+
+# The keys of a method's config that size the Waterloo report's CNN.
+WATERLOO_SIZES = ("channels", "hidden", "batch_norm")
