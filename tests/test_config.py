@@ -282,7 +282,9 @@ def test_an_unknown_key_lists_the_known_ones():
 def test_a_train_section_without_a_method_module_is_refused():
     params = with_value("train.magic", copy.deepcopy(DEFAULTS["train"]["baseline"]))
     validate_params(params)  # the shared keys: a section is a section
-    assert "unknown method 'magic'" in one_line_error(validate_methods, params)
+    assert "train.magic is not a method trained on the split" in one_line_error(
+        validate_methods, params
+    )
     message = one_line_error(parse_method_config, "vat", without("train.vat"))
     assert "train has no section 'vat'" in message
 
