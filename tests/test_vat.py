@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -141,7 +143,9 @@ def _train(seed: int = 0, **kw):
     """vat.train on 20 labeled and 60 unlabeled synthetic digits (20 more for validation);
     the hooks and `resume` go to the `Run`, every other keyword to the config."""
     hooks = {k: kw.pop(k) for k in RUN_HOOKS if k in kw}
-    cfg = vat_config(**kw)
+    # `unchecked`: values params.yaml would refuse, set past the check to test the loop.
+    unchecked = kw.pop("unchecked", {})
+    cfg = dataclasses.replace(vat_config(**kw), **unchecked)
     torch.manual_seed(seed)
     model, _ = vat.build(cfg, n_classes=10)
     x, y = synthetic_digits(20)
@@ -200,8 +204,10 @@ def test_an_interrupted_run_resumes_to_the_same_result():
 
 
 def test_a_nan_loss_stops_training_with_a_message():
+    with pytest.raises(PipelineError, match=r"train\.vat\.vat_weight must be a finite number"):
+        vat_config(vat_weight=float("nan"))
     with pytest.raises(TrainingDiverged, match="loss is nan at epoch 1, step 1"):
-        _train(epochs=1, vat_weight=float("nan"))
+        _train(epochs=1, unchecked={"vat_weight": float("nan")})
 
 
 @pytest.mark.parametrize(
