@@ -107,11 +107,7 @@ def small_sgan_step():
     run = Run(CPU, torch.Generator().manual_seed(0))
     step = sgan.train_step(model, SplitData(x, y, x_unlabeled), cfg, run)
     reference_model = sgan.build(cfg, 10)[0]
-    reference = sgan_reference_step(
-        reference_model, x, y, x_unlabeled, batch_size=8, unlabeled_batch_size=6,
-        augment=AUGMENT, augment_unlabeled=False, lr=0.001, generator_lr=0.001, beta1=0.5,
-        device=CPU,
-    )  # fmt: skip
+    reference = sgan_reference_step(reference_model, x, y, x_unlabeled, cfg, CPU)
     return model, step, (reference, reference_model)
 
 

@@ -214,14 +214,8 @@ def sgan_conv_report(s: Setup) -> Case:
     reference = sgan_reference_step(
         sgan.build(cfg, s.n_classes)[0],
         *(t.cpu() for t in (data.x_labeled, data.y_labeled, data.x_unlabeled)),
-        batch_size=cfg.batch_size,
-        unlabeled_batch_size=cfg.unlabeled_batch_size,
-        augment=cfg.augment,
-        augment_unlabeled=cfg.augment_unlabeled,
-        lr=cfg.lr,
-        generator_lr=cfg.generator_lr,
-        beta1=cfg.beta1,
-        device=s.device,
+        cfg,
+        s.device,
     )
     return Case(model, step, update, describe(parts), reference)
 

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from fewlabels.config import Affine, PipelineError
 from fewlabels.data import random_affine
 from fewlabels.io import write_json
+from fewlabels.methods import sgan
 from fewlabels.methods.sgan import feature_matching_loss, supervised_loss, unsupervised_loss
 from fewlabels.models.sgan import SemiSupervisedGAN, sample_z
 from fewlabels.train import Step, moving_average
@@ -214,14 +215,7 @@ def sgan_reference_step(
     x_labeled: Tensor,
     y_labeled: Tensor,
     x_unlabeled: Tensor,
-    *,
-    batch_size: int,
-    unlabeled_batch_size: int,
-    augment: Affine,
-    augment_unlabeled: bool,
-    lr: float,
-    generator_lr: float,
-    beta1: float,
+    cfg: sgan.Config,
     device: torch.device,
 ) -> Callable[[], None]:
     """One step of the SGAN as it is usually written: batches from two shuffling
@@ -229,21 +223,22 @@ def sgan_reference_step(
     memory layout, then a discriminator update (labeled, unlabeled and generated images)
     and a separate generator update (new samples; feature matching against the unlabeled
     batch, whose features are computed again). The same images per step as the SGAN's
-    `train_step`."""
+    `train_step`, with the sizes, augmentation and optimizer settings of `cfg`."""
     model = model.to(device, memory_format=torch.contiguous_format).train()
+    augment, unlabeled_batch_size = cfg.augment, cfg.unlabeled_batch_size
     disc, gen = model.discriminator, model.generator
     labeled = endless(
-        DataLoader(PerSampleImages(x_labeled, y_labeled, augment), batch_size, shuffle=True)
+        DataLoader(PerSampleImages(x_labeled, y_labeled, augment), cfg.batch_size, shuffle=True)
     )
-    unlabeled_set = PerSampleImages(x_unlabeled, augment=augment if augment_unlabeled else None)
+    unlabeled_set = PerSampleImages(x_unlabeled, augment=augment if cfg.augment_unlabeled else None)
     unlabeled = endless(DataLoader(unlabeled_set, unlabeled_batch_size, shuffle=True))
-    betas = (beta1, 0.999)
+    betas = (cfg.beta1, 0.999)
 
     def sample(n: int) -> Tensor:
         return gen(sample_z(n, gen.z_size).to(device))
 
-    optimizer_d = torch.optim.Adam(disc.parameters(), lr=lr, betas=betas)
-    optimizer_g = torch.optim.Adam(gen.parameters(), lr=generator_lr, betas=betas)
+    optimizer_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=betas)
+    optimizer_g = torch.optim.Adam(gen.parameters(), lr=cfg.generator_lr, betas=betas)
 
     def one_step() -> None:
         x_l, y_l = (t.to(device) for t in next(labeled))
