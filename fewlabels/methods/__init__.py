@@ -4,10 +4,9 @@ A method module holds what makes the method: a typed `Config` (its params.yaml s
 checked once by `parse_config`), `build(cfg, n_classes)` (its networks), its losses and
 its training step, and `train(model, data, cfg, run)`. Beside them, for the results
 table: `DESCRIPTION` (one line), `REPORTED` (the seed report's or paper's figure by
-(dataset, labels)) and `EVALUATED` (the models `evaluate` scores: name -> checkpoint
-file and description; by default the method's own `model.pt`). Nothing registers itself
-on import: a stage imports the one method it runs (`load_method`), so it depends on that
-method's code alone.
+(dataset, labels)) and `EVALUATED` (the models `evaluate` scores: name -> description;
+by default the method's own model). Nothing registers itself on import: a stage imports
+the one method it runs (`load_method`), so it depends on that method's code alone.
 
 The methods trained on the split (params.yaml's `train` section, stage train@<method>)
 are the keys of `train`: adding a module here and its section there adds the stage, its
@@ -69,36 +68,26 @@ def validate_methods(params: dict[str, Any]) -> None:
 
 
 def evaluated_models(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every model `evaluate` scores: name -> its method's description and reported
-    figures, the stage that writes it and its checkpoint file name."""
+    """Every model `evaluate` scores: name -> its description and the reported figures
+    it is compared with."""
     models = {}
     for name in params["train"]:
         method = load_method(name)
-        default = {name: ("model.pt", method.DESCRIPTION)}
-        for model, (file, description) in getattr(method, "EVALUATED", default).items():
-            entry = _entry(method, f"train@{name}", f"{name}/{file}")
-            models[model] = {**entry, "description": description}
-    models["retrain"] = _entry(load_method("retrain"), "retrain", "retrain/model.pt")
+        reported = getattr(method, "REPORTED", {})
+        for model, description in getattr(method, "EVALUATED", {name: method.DESCRIPTION}).items():
+            models[model] = {"description": description, "reported": reported}
+    retrain = load_method("retrain")
+    models["retrain"] = {"description": retrain.DESCRIPTION, "reported": retrain.REPORTED}
     ceilings = load_method("ceilings")
     for name in params["train_ceilings"]["models"]:
         models[f"ceiling_{name}"] = {
-            **_entry(ceilings, f"train_ceilings@{name}", f"ceiling_{name}/model.pt"),
             "description": f"{ceilings.DESCRIPTION}: {name}",
             "reported": ceilings.REPORTED.get(name, {}),
         }
     vae = load_method("vae")
     for labels in params["vae_svm"]["budgets"]:
         models[f"vae_svm@{labels}"] = {
-            **_entry(vae, f"vae_svm@{labels}", f"vae_svm_{labels}/model.pkl"),
+            "description": vae.DESCRIPTION,
             "reported": vae.REPORTED.get(labels, {}),
         }
     return models
-
-
-def _entry(method: ModuleType, stage: str, file: str) -> dict[str, Any]:
-    return {
-        "description": method.DESCRIPTION,
-        "reported": getattr(method, "REPORTED", {}),
-        "stage": stage,
-        "file": file,
-    }

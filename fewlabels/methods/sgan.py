@@ -56,9 +56,10 @@ from ..train import (
 )
 
 DESCRIPTION = "SGAN: K+1 discriminator, feature-matching generator"
+# The models evaluate scores (files by `fewlabels.paths.model_file`): name -> description.
 EVALUATED = {
-    "sgan": ("model.pt", f"{DESCRIPTION} (best validation epoch)"),
-    "sgan_last": ("model_last.pt", "SGAN: the same run's last epoch (= sgan without validation)"),
+    "sgan": f"{DESCRIPTION} (best validation epoch)",
+    "sgan_last": "SGAN: the same run's last epoch (= sgan without validation)",
 }
 REPORTED = {("mnist", 100): ("SGAN report", 0.9782)}
 ARCHS = ("conv", "mlp")  # the SGAN report's CNN | the paper's permutation-invariant MLP
