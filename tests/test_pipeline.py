@@ -22,14 +22,15 @@ import yaml
 from tests.conftest import REPO_ROOT
 from tools.bench_lib import copy_repository, subprocess_env
 
-# The methods trained on the split (params.yaml's train section): one stage train@<method> each.
-METHODS = ("baseline", "sgan", "consistency", "vat")
-CEILING_STAGES = tuple(f"train_ceilings@{n}" for n in ("linear", "fc256", "cnn4", "cnn5"))
-ATTENTION_MODELS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["attention"]["models"]
+# The foreach stages come from params.yaml, as DVC makes them.
+PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+METHODS = tuple(PARAMS["train"])  # the methods trained on the split: train@<method> each
+CEILING_STAGES = tuple(f"train_ceilings@{n}" for n in PARAMS["train_ceilings"]["models"])
+ATTENTION_MODELS = PARAMS["attention"]["models"]
 ATTENTION_STAGES = tuple(f"attention@{m}" for m in ATTENTION_MODELS)
 # Stages downstream of `split`: a labels change re-runs them.
 SPLIT_STAGES = (*(f"train@{m}" for m in METHODS), "extract_features", "pseudo_label", "retrain")
-VAE_SVM_STAGES = tuple(f"vae_svm@{n}" for n in (100, 600, 1000, 3000))
+VAE_SVM_STAGES = tuple(f"vae_svm@{n}" for n in PARAMS["vae_svm"]["budgets"])
 STAGES = (
     "download",
     "split",
