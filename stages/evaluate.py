@@ -6,6 +6,10 @@ params.yaml's `train`, the retrain, the ceilings and the VAE + SVM at each budge
 Writes metrics/evaluate.json as {model: {"test_accuracy": ..., ...}} (fractions in 0..1),
 plots/confusion/<model>.csv (one row per test image) for DVC's confusion template, and the
 results table metrics/summary.md.
+
+With `split.val_size` > 0 the split holds labeled training images out of every training
+set; each model trained on that split is also scored on them as `holdout_accuracy`, the
+development metric to choose settings on (test_accuracy is for reporting only).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from fewlabels.evaluation import (
 )
 from fewlabels.io import save_figure, write_json, write_text
 from fewlabels.methods import evaluated_models
-from fewlabels.paths import METRICS_DIR, PLOTS_DIR, load_raw
+from fewlabels.paths import METRICS_DIR, PLOTS_DIR, load_raw, load_split
 from fewlabels.pseudo import robustness_sets
 from fewlabels.svm import load_vae_svm
 
@@ -56,6 +60,31 @@ def load_test_set(dataset: str, test_size: int) -> tuple[torch.Tensor, torch.Ten
     return data["x_test"], data["y_test"]
 
 
+def load_holdout_set(dataset: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split's held-out labeled training images (`split.val_size` of them; may be 0)."""
+    data, val_idx = load_raw(dataset), load_split()["val_idx"]
+    return data["x_train"][val_idx], data["y_train"][val_idx]
+
+
+def holdout_markdown(results: dict[str, dict]) -> str:
+    """Held-out accuracy of the models that have one; empty when the split holds none out."""
+    scored = {name: r for name, r in results.items() if "holdout_accuracy" in r}
+    if not scored:
+        return ""
+    n_val = next(iter(scored.values()))["n_val"]
+    lines = [
+        "",
+        f"## Held-out accuracy (development metric, {n_val:,} labeled training images)",
+        "",
+        "Choose settings on this, never on test accuracy.",
+        "",
+        "| model | held-out accuracy |",
+        "|---|---:|",
+        *(f"| {name} | {r['holdout_accuracy']:.2%} |" for name, r in scored.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     params = load_params()
     cfg = params["evaluate"]
@@ -64,6 +93,7 @@ def main() -> None:
     registry = evaluated_models(params)
     datasets = {name: model_dataset(name, params) for name in registry}
     test_sets = {d: load_test_set(d, cfg["test_size"]) for d in datasets.values()}
+    x_holdout, y_holdout = load_holdout_set(params["dataset"])
     # Load every model first: a missing one stops the stage before anything is written.
     models = {
         name: load_scorer(name, dataset, cfg["batch_size"], device)
@@ -88,6 +118,11 @@ def main() -> None:
             "n_test": len(y_test),
             "per_class_accuracy": {k.split("_")[1]: v for k, v in metrics.items()},
         }
+        # Only models trained on the split never saw its held-out images (a ceiling trains
+        # on every label, a VAE + SVM on its own dataset): they record n_val > 0.
+        if meta["n_val"] and len(y_holdout):
+            holdout = classification_metrics(scorer(x_holdout), y_holdout)["accuracy"]
+            results[name]["holdout_accuracy"] = holdout
         rows = "\n".join(
             f"{a},{p}" for a, p in zip(y_test.tolist(), logits.argmax(1).tolist(), strict=True)
         )
@@ -109,6 +144,7 @@ def main() -> None:
     reported = {name: entry["reported"] for name, entry in registry.items()}
     summary = results_markdown(results, descriptions, reported)
     summary += robustness_markdown(results, cfg["robustness"])
+    summary += holdout_markdown(results)
     write_text(METRICS_DIR / "summary.md", summary)
     save_figure(PLOTS_DIR / "robustness.png", robustness_figure(results))
 
