@@ -305,3 +305,34 @@ def test_metrics_and_plots_read_without_errors(repo, first_repro):
     assert failed == []
     plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)
     assert [error["name"] for error in plots.get("errors", [])] == []
+
+
+def test_compare_collects_a_sweep_of_two_budgets_and_two_seeds(repo, first_repro, tmp_path):
+    for labels in (100, 250):
+        for seed in (0, 1):
+            dvc(repo, "exp", "run", "-S", f"labels={labels}", "-S", f"seed={seed}",
+                "-n", f"l{labels}-s{seed}")  # fmt: skip
+    status = run(repo, "git", "status", "--porcelain").stdout
+    compare = [sys.executable, "-m", "tools.compare"]
+    shown = run(repo, *compare).stdout
+    for labels in ("100", "250"):
+        assert re.search(
+            rf"\| mnist \| baseline \| {labels} \| 2 \| \d+\.\d\d ± \d+\.\d\d \|", shown
+        )
+    # Each ceiling once per seed, however many budgets the sweep has.
+    assert re.search(r"\| mnist \| ceiling_cnn5 \| 60,000 \| 2 \|", shown)
+    run(repo, *compare, "--out", str(tmp_path / "results"))
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        "comparison.md",
+        "comparison.png",
+        "runs.json",
+    ]
+    assert run(repo, "git", "status", "--porcelain").stdout == status  # tracked files untouched
+
+    dvc(repo, "exp", "run", "-S", "train.baseline.epochs=3", "-n", "longer")
+    refused = run(repo, *compare, check=False)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "error: run longer differs from the reference in train.baseline.epochs (3, reference 2); "
+        "pass the --profile it was made with, or `dvc exp remove longer`"
+    ]
