@@ -42,10 +42,12 @@ def record(name, labels=100, seed=0, accuracy=0.9, ceiling=0.99, code=CODE_DEPS,
     }
 
 
-def exp_show(commit, *experiments):
+def exp_show(commit, *experiments, state="success"):
     """The shape of `dvc exp show --json`: workspace, then the commit with its experiments."""
     commit = copy.deepcopy(commit)
-    commit["experiments"] = [{"name": e["name"], "revs": [e]} for e in experiments]
+    commit["experiments"] = [
+        {"name": e["name"], "revs": [e], "executor": {"state": state}} for e in experiments
+    ]
     workspace = record("workspace", accuracy=0.1) | {"rev": "workspace"}
     return [workspace, commit]
 
@@ -106,6 +108,9 @@ def test_queued_and_failed_experiments_are_left_out(capsys):
     runs, _ = collect(exp_show(record("main"), record("s0"), queued, failed), profile={})
     assert [r.name for r in runs] == ["s0"]
     assert "left out 2" in capsys.readouterr().err
+    # A running experiment shows its own params beside its baseline's metrics.
+    running = exp_show(record("main"), record("s1", seed=1), state="running")
+    assert collect(running, profile={})[0] == []
 
 
 def test_merge_keeps_one_run_per_setting_collected_first():

@@ -116,7 +116,9 @@ def collect(
     runs, unfinished = [], 0
     for commit in commits:
         for experiment in commit.get("experiments") or []:
-            found = run_of(experiment["revs"][0])
+            # A queued or running experiment shows its params beside its baseline's metrics.
+            state = (experiment.get("executor") or {}).get("state", "success")
+            found = run_of(experiment["revs"][0]) if state == "success" else None
             if found is None:
                 unfinished += 1
                 continue
