@@ -160,3 +160,17 @@ def test_saved_runs_are_added_only_when_made_with_the_same_params(tmp_path, monk
     saved.write_text(json.dumps(runs))
     with pytest.raises(PipelineError, match="other params"):
         run_main(monkeypatch, tmp_path, shown, "--keep", str(saved))
+
+
+def test_readme_and_results_agree_with_the_saved_runs():
+    saved = REPO_ROOT / "results/runs.json"
+    runs, reference = compare.load_runs(saved)
+    # The committed comparison describes the committed defaults.
+    assert reference == compare.fingerprint(compare.config_of(PARAMS))
+    reported = compare.anchors_of(PARAMS)
+    command = "python -m tools.compare"
+    headline = comparison_markdown(runs, reported, command, only_labels=compare.HEADLINE_LABELS)
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert with_readme_table(readme, headline) == readme, "rerun tools.compare --readme"
+    full = "# Comparison\n\n" + comparison_markdown(runs, reported, command)
+    assert (REPO_ROOT / "results/comparison.md").read_text() == full
